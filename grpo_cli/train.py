@@ -87,7 +87,9 @@ def console_and_metrics(output_dir: Path):
             with (output_dir / METRICS).open("a") as f:
                 f.write(json.dumps(row) + "\n")
             per_reward = [
-                f"{k.split('/')[1]} {v:.3f}" for k, v in logs.items() if k.startswith("rewards/") and k.endswith("/mean")
+                f"{k.split('/')[1]} {v:.3f}"
+                for k, v in logs.items()
+                if k.startswith("rewards/") and k.endswith("/mean")
             ]
             parts = [f"step {state.global_step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward]
             if "kl" in logs:
@@ -100,13 +102,12 @@ def console_and_metrics(output_dir: Path):
     return StepLog()
 
 
-def prepare_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if overwrite:
-            shutil.rmtree(output_dir)
-        elif not resume:
-            raise GrpoError(f"output directory {output_dir} is not empty: pass --resume to continue it, --overwrite to replace it, or another --output-dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
+def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
+    if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
+        raise GrpoError(
+            f"output directory {output_dir} is not empty: pass --resume latest to continue it, "
+            "--overwrite to replace it, or another --output-dir"
+        )
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
@@ -116,15 +117,18 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 
 def train(settings: Settings, resume: str | bool = False, overwrite: bool = False) -> Path:
     """Run GRPO as the settings say; returns the adapter directory."""
-    output_dir = Path(settings.train.output_dir)
-    prepare_output_dir(output_dir, bool(resume), overwrite)
-
-    # Load model: unsloth first, as it patches trl and transformers on import
+    # Check the input before anything is loaded or written
     from grpo_cli import models
-
+    from grpo_cli.data import load_examples
     from rewards import checked, resolve
 
+    output_dir = Path(settings.train.output_dir)
+    check_output_dir(output_dir, bool(resume), overwrite)
     reward_funcs = [checked(resolve(spec)[0]) for spec in settings.data.rewards]
+    models.resolve_model(settings.model.model)
+    load_examples(settings.data)
+
+    # Load model: unsloth first, as it patches trl and transformers on import
     vllm = models.use_vllm(settings.model)
     print(f"Backend: {models.generation_backend(settings.model)}")
     if not vllm and models.cuda_available():
@@ -134,10 +138,8 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     manifest = run_manifest(settings, model, tokenizer)
     model = models.add_lora(model, settings.model)
 
-    # Data
+    # Data, with prompts longer than max_prompt_length dropped
     from datasets import Dataset
-
-    from grpo_cli.data import load_examples
 
     examples = load_examples(settings.data, tokenizer)
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
@@ -146,6 +148,12 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     from transformers import PrinterCallback
     from trl import GRPOTrainer
 
+    checkpoint = (latest_checkpoint(output_dir) if resume is True else resume) or None
+    if resume and checkpoint is None:
+        raise GrpoError(f"--resume: no checkpoint-N directory in {output_dir}: start a new run with --overwrite")
+    if overwrite and output_dir.exists():
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
     trainer = GRPOTrainer(
         model=model,
@@ -155,13 +163,10 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         train_dataset=Dataset.from_list(examples),
         callbacks=[console_and_metrics(output_dir)],
     )
-    trainer.remove_callback(PrinterCallback)  # our StepLog prints each step instead
+    trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
     write_json(output_dir / MANIFEST, manifest)
 
     # Train
-    checkpoint = (latest_checkpoint(output_dir) if resume is True else resume) or None
-    if resume and checkpoint is None:
-        raise GrpoError(f"--resume: no checkpoint-N directory in {output_dir}: start a new run with --overwrite")
     started = time.time()
     trainer.train(resume_from_checkpoint=checkpoint)
 

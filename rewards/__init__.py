@@ -56,12 +56,16 @@ def _load_user_reward(target: str):
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise GrpoError(f"reward file {where} failed to import ({type(exc).__name__}: {exc}): fix it and retry") from exc
+            raise GrpoError(
+                f"reward file {where} failed to import ({type(exc).__name__}: {exc}): fix it and retry"
+            ) from exc
     else:
         try:
             module = importlib.import_module(where)
         except Exception as exc:
-            raise GrpoError(f"reward module {where} does not import ({type(exc).__name__}: {exc}): check the name and PYTHONPATH") from exc
+            raise GrpoError(
+                f"reward module {where} does not import ({type(exc).__name__}: {exc}): check the name and PYTHONPATH"
+            ) from exc
     func = getattr(module, attr, None)
     if not callable(func):
         raise GrpoError(f"{target} is not a callable in {where}: name a function defined there")
@@ -93,10 +97,14 @@ def checked(func):
             values = func(prompts=prompts, completions=completions, **kwargs)
         except Exception as exc:
             example = _first_failing(func, prompts, completions, kwargs)
-            raise GrpoError(f"reward {name} raised {type(exc).__name__}: {exc} on {example!r}: fix the reward function") from exc
+            raise GrpoError(
+                f"reward {name} raised {type(exc).__name__}: {exc} on {example!r}: fix the reward function"
+            ) from exc
         if values is None or len(values) != len(completions):
             got = "None" if values is None else f"{len(values)} values"
-            raise GrpoError(f"reward {name} returned {got} for {len(completions)} completions: return one float per completion")
+            raise GrpoError(
+                f"reward {name} returned {got} for {len(completions)} completions: return one float per completion"
+            )
         return values
 
     return wrapper

@@ -32,6 +32,5 @@ def numeric_correctness_reward(prompts, completions, answer, **kwargs) -> list[f
     """
     texts = [completion_text(c) for c in completions]
     return [
-        2.0 if "<answer>" in t and same_number(extract_xml_answer(t), str(a)) else 0.0
-        for t, a in zip(texts, answer)
+        2.0 if "<answer>" in t and same_number(extract_xml_answer(t), str(a)) else 0.0 for t, a in zip(texts, answer)
     ]

@@ -92,7 +92,4 @@ def correctness_reward(prompts, completions, answer, **kwargs) -> list[float]:
     >>> correctness_reward(None, ["<answer>72</answer>", "<answer>72.0</answer>"], ["72", "72"])
     [2.0, 0.0]
     """
-    return [
-        2.0 if extract_xml_answer(completion_text(c)) == str(a) else 0.0
-        for c, a in zip(completions, answer)
-    ]
+    return [2.0 if extract_xml_answer(completion_text(c)) == str(a) else 0.0 for c, a in zip(completions, answer)]

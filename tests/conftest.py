@@ -10,7 +10,9 @@ class FakeTokenizer:
     """Counts one token per whitespace-separated word of the chat-formatted prompt."""
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
-        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (" <assistant>" if add_generation_prompt else "")
+        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (
+            " <assistant>" if add_generation_prompt else ""
+        )
         return text.split() if tokenize else text
 
 

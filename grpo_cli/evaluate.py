@@ -1,0 +1,106 @@
+"""Score the base model and the adapter on the same held-out prompts."""
+
+import csv
+import io
+import statistics
+from pathlib import Path
+
+from grpo_cli.adapter import publish, write_json
+from grpo_cli.config import DataSettings
+from grpo_cli.errors import GrpoError
+from rewards import resolve
+from rewards.format import FINAL_ANSWER
+from rewards.numeric import same_number
+from rewards.reference import extract_xml_answer
+
+COLUMNS = ["accuracy", "format_rate", "mean_length"]
+
+
+def score(completions: list[str], examples: list[dict], rewards: list[str], tokenizer=None) -> list[dict]:
+    """Per prompt: correct (numeric equivalence), formatted (ends with <answer>N</answer>), each reward, length.
+
+    >>> example = {"prompt": [{"role": "user", "content": "2 + 3?"}], "answer": "5"}
+    >>> rows = score(["<answer>5</answer>", "five"], [example] * 2, ["answer_tag"])
+    >>> [(r["correct"], r["formatted"], r["answer_tag"]) for r in rows]
+    [(True, True, 1.0), (False, False, 0.0)]
+    """
+    messages = [[{"role": "assistant", "content": c}] for c in completions]
+    prompts = [e["prompt"] for e in examples]
+    answers = [e["answer"] for e in examples]
+    per_reward = {}
+    for spec in rewards:
+        func, _ = resolve(spec)
+        per_reward[spec.split(":")[0]] = func(prompts=prompts, completions=messages, answer=answers)
+    rows = []
+    for i, (text, answer) in enumerate(zip(completions, answers)):
+        rows.append(
+            {
+                "question": prompts[i][-1]["content"],
+                "answer": answer,
+                "completion": text,
+                "correct": "<answer>" in text and same_number(extract_xml_answer(text), answer),
+                "formatted": bool(FINAL_ANSWER.search(text)),
+                "length": len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if tokenizer
+                else len(text.split()),
+                **{name: values[i] for name, values in per_reward.items()},
+            }
+        )
+    return rows
+
+
+def summarize(rows: list[dict], rewards: list[str]) -> dict:
+    """Accuracy, format rate, mean length and the mean of each reward.
+
+    >>> summarize([{"correct": True, "formatted": True, "length": 4, "r": 1.0},
+    ...            {"correct": False, "formatted": True, "length": 6, "r": 0.0}], ["r"])
+    {'accuracy': 0.5, 'format_rate': 1.0, 'mean_length': 5.0, 'r': 0.5}
+    """
+    summary = {
+        "accuracy": float(statistics.mean(r["correct"] for r in rows)),
+        "format_rate": float(statistics.mean(r["formatted"] for r in rows)),
+        "mean_length": float(statistics.mean(r["length"] for r in rows)),
+    }
+    return summary | {name: statistics.mean(r[name] for r in rows) for name in (s.split(":")[0] for s in rewards)}
+
+
+def flipped(base: list[dict], tuned: list[dict], key: str, n: int = 3) -> list[tuple[str, dict, dict]]:
+    """Prompts whose outcome on ``key`` differs between base and adapter, gains first."""
+    gains = [("gained", b, t) for b, t in zip(base, tuned) if t[key] and not b[key]]
+    losses = [("lost", b, t) for b, t in zip(base, tuned) if b[key] and not t[key]]
+    return gains[:n] + losses[:n]
+
+
+def csv_text(base: list[dict], tuned: list[dict]) -> str:
+    out = io.StringIO()
+    fields = ["model", "index", *base[0].keys()]
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    for name, rows in (("base", base), ("adapter", tuned)):
+        for i, row in enumerate(rows):
+            writer.writerow({"model": name, "index": i, **row})
+    return out.getvalue()
+
+
+def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir: Path, overwrite: bool = False):
+    """Generate with both, score, write eval.json and eval.csv. Returns (summaries, base rows, adapter rows)."""
+    from grpo_cli.data import load_examples
+
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise GrpoError(f"eval output {output_dir} is not empty: pass --overwrite or another --output-dir")
+    examples = load_examples(data)
+    texts = pair.texts([e["prompt"][-1]["content"] for e in examples], data.system_prompt)
+    base = score(pair.base(texts, sampling), examples, rewards, pair.tokenizer)
+    tuned = score(pair.tuned(texts, sampling), examples, rewards, pair.tokenizer) if pair.lora_dir else None
+    summaries = {"base": summarize(base, rewards)}
+    if tuned:
+        summaries["adapter"] = summarize(tuned, rewards)
+    result = {"prompts": len(examples), "dataset": data.dataset, "split": data.split, "summary": summaries,
+              "base": base, "adapter": tuned}  # fmt: skip
+
+    def write(tmp: Path) -> None:
+        write_json(tmp / "eval.json", result)
+        (tmp / "eval.csv").write_text(csv_text(base, tuned or []) if tuned else csv_text(base, []))
+
+    publish(output_dir, write, force=True)
+    return summaries, base, tuned

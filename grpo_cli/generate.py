@@ -1,0 +1,140 @@
+"""Inference: the base model and the adapter on the same prompts, with the same template."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from grpo_cli.adapter import check_adapter_dir, fingerprint, read_manifest
+from grpo_cli.errors import GrpoError
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 1024
+    seed: int = 3407
+    greedy: bool = False
+
+
+def chat_texts(tokenizer, questions: list[str], system_prompt: str) -> list[str]:
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        tokenizer.apply_chat_template(
+            system + [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in questions
+    ]
+
+
+def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_size: int = 32) -> list[str]:
+    """transformers generation, left-padded batches, seeded so that runs repeat."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    torch.manual_seed(sampling.seed)
+    kwargs = (
+        dict(do_sample=False)
+        if sampling.greedy
+        else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    )
+    outputs = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            ids = model.generate(
+                **batch, max_new_tokens=sampling.max_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
+            )
+        outputs += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return outputs
+
+
+def generate_vllm(model, texts: list[str], sampling: Sampling, lora_dir: Path | None) -> list[str]:
+    """Unsloth's vLLM engine; the adapter rides along as a LoRA request, the base gets none."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0 if sampling.greedy else sampling.temperature,
+        top_p=1.0 if sampling.greedy else sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+    )
+    lora_request = model.load_lora(str(lora_dir)) if lora_dir else None
+    outputs = model.fast_generate(texts, sampling_params=params, lora_request=lora_request)
+    return [o.outputs[0].text for o in outputs]
+
+
+def adapter_changes_nothing(model, tokenizer, text: str) -> bool:
+    """True when the next-token distribution after ``text`` is the same with and without the adapter."""
+    import torch
+
+    batch = tokenizer([text], return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        tuned = model(**batch).logits[0, -1].float().log_softmax(-1)
+        with model.disable_adapter():
+            base = model(**batch).logits[0, -1].float().log_softmax(-1)
+    return bool(torch.allclose(tuned, base, atol=1e-6))
+
+
+class Pair:
+    """One loaded base model, and the adapter switched on and off: never two copies."""
+
+    def __init__(self, model_name: str | None, lora_dir: Path | None, max_seq_length: int = 2048):
+        from grpo_cli import models
+        from grpo_cli.config import ModelSettings
+
+        self.lora_dir = Path(lora_dir) if lora_dir else None
+        self.manifest = {}
+        if self.lora_dir:
+            check_adapter_dir(self.lora_dir)
+            self.manifest = read_manifest(self.lora_dir)
+        model_name = model_name or self.manifest.get("base_model")
+        if not model_name:
+            raise GrpoError(f"{self.lora_dir} has no grpo.json naming its base model: give --model")
+        trained = self.manifest.get("settings", {}).get("model", {})
+        settings = ModelSettings(
+            model=model_name,
+            max_seq_length=max_seq_length,
+            lora_rank=trained.get("lora_rank", 16),
+            max_lora_rank=trained.get("max_lora_rank"),
+        )
+        self.vllm = models.use_vllm(settings)
+        self.model, self.tokenizer = models.load_model(settings)
+        expected = self.manifest.get("base_fingerprint")
+        if expected and expected != fingerprint(self.model.config):
+            raise GrpoError(
+                f"adapter {self.lora_dir} was trained on {self.manifest.get('base_model')} "
+                f"(config {expected}), not on {model_name} (config {fingerprint(self.model.config)}): "
+                f"give --model {self.manifest.get('base_model')}"
+            )
+        if self.lora_dir and not self.vllm:
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(self.lora_dir))
+        self.model.eval()
+
+    def texts(self, questions: list[str], system_prompt: str | None) -> list[str]:
+        prompt = self.manifest.get("system_prompt", "") if system_prompt is None else system_prompt
+        return chat_texts(self.tokenizer, questions, prompt)
+
+    def base(self, texts: list[str], sampling: Sampling) -> list[str]:
+        if self.vllm:
+            return generate_vllm(self.model, texts, sampling, None)
+        if not self.lora_dir:
+            return generate_hf(self.model, self.tokenizer, texts, sampling)
+        with self.model.disable_adapter():
+            return generate_hf(self.model, self.tokenizer, texts, sampling)
+
+    def tuned(self, texts: list[str], sampling: Sampling) -> list[str]:
+        if self.vllm:
+            return generate_vllm(self.model, texts, sampling, self.lora_dir)
+        return generate_hf(self.model, self.tokenizer, texts, sampling)
+
+    def warn_if_inert(self, text: str) -> str | None:
+        if self.lora_dir and not self.vllm and adapter_changes_nothing(self.model, self.tokenizer, text):
+            return (
+                f"warning: adapter {self.lora_dir} changes nothing: the next-token distribution is identical without it"
+            )
+        return None

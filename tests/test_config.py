@@ -1,0 +1,76 @@
+import pytest
+
+from grpo_cli.config import SYSTEM_PROMPT, load_settings
+from grpo_cli.errors import GrpoError
+
+
+def recipe(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_are_the_reference_recipe():
+    s = load_settings()
+    assert (s.train.num_generations, s.train.learning_rate, s.train.lr_scheduler_type) == (6, 5e-6, "cosine")
+    assert (s.train.optim, s.train.max_steps, s.model.lora_rank) == ("paged_adamw_8bit", 250, 32)
+    assert s.model.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert s.data.system_prompt == SYSTEM_PROMPT
+    assert s.data.rewards == ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]
+
+
+def test_precedence_defaults_then_yaml_then_flags(tmp_path):
+    path = recipe(tmp_path, "max_steps: 10\nlearning_rate: 1.0e-5\nlora_rank: 8\nsave_total_limit: 2\n")
+    s = load_settings(path, {"max_steps": 3, "lora_rank": None})
+    assert s.train.max_steps == 3  # flag beats YAML
+    assert s.train.learning_rate == 1e-5  # YAML beats default
+    assert s.model.lora_rank == 8  # a flag left out (None) does not override
+    assert s.train.num_generations == 6  # default stays
+    assert s.train.extra == {"save_total_limit": 2}  # any GRPOConfig field passes through
+
+
+def test_unknown_yaml_key_suggests_the_closest(tmp_path):
+    with pytest.raises(GrpoError, match=r"unknown setting 'learning_rte' in .*r.yaml: did you mean 'learning_rate'\?"):
+        load_settings(recipe(tmp_path, "learning_rte: 1.0e-5\n"))
+
+
+def test_system_prompt_from_file(tmp_path):
+    (tmp_path / "p.txt").write_text("Answer briefly.")
+    assert load_settings(flags={"system_prompt": f"@{tmp_path}/p.txt"}).data.system_prompt == "Answer briefly."
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"per_device_train_batch_size": 6, "num_generations": 4},
+         r"batch size 6 x grad accum 1 = 6 must be divisible by num_generations 4: use --num-generations 2 or 3 or 6"),
+        ({"num_generations": 1, "per_device_train_batch_size": 2}, "num_generations must be at least 2"),
+        ({"max_steps": 0}, "max_steps must be a positive integer, got 0"),
+        ({"max_completion_length": -5}, "max_completion_length must be a positive integer"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"lora_rank": 64, "max_lora_rank": 32}, "lora_rank 64 is above max_lora_rank 32"),
+        ({"max_prompt_length": 900}, "exceeds max_seq_length 1024"),
+        ({"rewards": []}, "no reward given"),
+    ],
+)  # fmt: skip
+def test_validation_says_how_to_fix(flags, message):
+    with pytest.raises(GrpoError, match=message):
+        load_settings(flags=flags)
+
+
+def test_recipes_load(tmp_path):
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
+        assert path.read_text().startswith("# grpo train --config"), path
+        load_settings(str(path))
+
+
+def test_recipe_names_trl_dropped_still_work():
+    from grpo_cli.train import grpo_config
+
+    s = load_settings(flags={"warmup_ratio": 0.1, "max_steps": 20, "output_dir": "unused"})
+    config = grpo_config(s, cpu=True, vllm=False)
+    assert config.warmup_steps == 0.1 and config.get_warmup_steps(20) == 2
+    assert config.optim == "adamw_torch" and config.use_cpu  # paged 8-bit needs CUDA
+    assert config.reward_weights == [1.0] * 5

@@ -1,0 +1,91 @@
+import pytest
+
+from grpo_cli.config import DataSettings
+from grpo_cli.data import arithmetic_problems, load_examples, to_examples
+from grpo_cli.errors import GrpoError
+from tests.conftest import SHARED_GSM8K
+
+
+def test_generated_set_is_seeded_and_held_out_split_is_disjoint():
+    train, test = arithmetic_problems("train"), arithmetic_problems("test")
+    assert train == arithmetic_problems("train") and len(test) == 200
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    assert all(r["answer"].isdigit() for r in train + test)
+
+
+def test_examples_are_chat_prompts_with_answers():
+    [example] = load_examples(DataSettings(system_prompt="Be brief.", limit=1))
+    assert example["prompt"][0] == {"role": "system", "content": "Be brief."}
+    assert example["prompt"][1]["role"] == "user" and example["answer"].isdigit()
+
+
+@pytest.mark.skipif(not SHARED_GSM8K.is_dir(), reason="the GSM8K files in ../shared/datasets/gsm8k are not present")
+def test_gsm8k_from_the_shared_files():
+    examples = load_examples(DataSettings(dataset=str(SHARED_GSM8K / "train.jsonl")))
+    assert len(examples) == 7473
+    first = examples[0]
+    assert first["answer"] == "72" and first["prompt"][1]["content"].startswith("Natalia sold clips")
+    assert all("," not in e["answer"] and "####" not in e["answer"] for e in examples)
+
+
+def test_gsm8k_answers_drop_rows_without_the_marker(write_jsonl, capsys):
+    path = write_jsonl([{"question": "q1", "answer": "work\n#### 1,300"}, {"question": "q2", "answer": "no marker"}])
+    examples = load_examples(DataSettings(dataset=str(path)))
+    assert [e["answer"] for e in examples] == ["1300"]
+    assert "Dropped 1 rows without a '####' answer line" in capsys.readouterr().out
+
+
+def test_csv_with_custom_fields(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("problem,solution\nWhat is 2+2?,4\nWhat is 3+3?,6\n")
+    examples = load_examples(DataSettings(dataset=str(path), question_field="problem", answer_field="solution"))
+    assert [(e["prompt"][-1]["content"], e["answer"]) for e in examples] == [
+        ("What is 2+2?", "4"),
+        ("What is 3+3?", "6"),
+    ]
+
+
+def test_json_and_parquet(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": "q", "answer": "1"}]
+    (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.json", "d.parquet"):
+        assert load_examples(DataSettings(dataset=str(tmp_path / name)))[0]["answer"] == "1"
+
+
+def test_max_prompt_length_drops_long_prompts(write_jsonl, fake_tokenizer, capsys):
+    path = write_jsonl([{"question": "short", "answer": "1"}, {"question": "a " * 50, "answer": "2"}])
+    settings = DataSettings(dataset=str(path), system_prompt="", max_prompt_length=10)
+    assert [e["answer"] for e in load_examples(settings, fake_tokenizer)] == ["1"]
+    assert "Dropped 1 of 2 prompts longer than 10 tokens" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content, name, kwargs, message",
+    [
+        (None, "missing.jsonl", {}, "data file .*missing.jsonl does not exist"),
+        ("", "empty.jsonl", {}, "holds no rows"),
+        ('{"question": "q", "answer": "1"}\n{"question": oops}\n', "bad.jsonl", {}, "bad.jsonl line 2 is not valid JSON"),
+        ("a,b\n", "data.txt", {}, "unknown data format '.txt'"),
+        ('{"q": "x", "a": "1"}\n', "fields.jsonl", {}, r"field 'question' is not in the data \(fields: q, a\): use --question-field"),
+        ('{"question": "x", "a": "1"}\n', "f2.jsonl", {}, "use --answer-field"),
+        ('{"question": "a long question", "answer": "1"}\n', "long.jsonl", {"max_prompt_length": 2},
+         "every one of 1 prompts is longer than max_prompt_length 2 tokens: raise --max-prompt-length"),
+    ],
+)  # fmt: skip
+def test_bad_data_says_how_to_fix(tmp_path, fake_tokenizer, content, name, kwargs, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(GrpoError, match=message):
+        load_examples(DataSettings(dataset=str(path), **kwargs), fake_tokenizer)
+
+
+def test_to_examples_without_system_prompt():
+    examples, dropped = to_examples([{"question": "q", "answer": "a"}], DataSettings(system_prompt=""))
+    assert examples == [{"prompt": [{"role": "user", "content": "q"}], "answer": "a"}] and dropped == 0
