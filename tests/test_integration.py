@@ -1,0 +1,123 @@
+"""The real commands on the embedded SmolLM2-135M, on CPU, with tiny settings."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+LENGTH_REWARD = "def longer(completions, **kw):\n    return [len(c[-1]['content']) / 100 for c in completions]\n"
+
+
+def grpo(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True)
+    if check and result.returncode:
+        raise AssertionError(f"grpo {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Two GRPO steps; a length reward guarantees spread within each group, so the LoRA must move."""
+    root = tmp_path_factory.mktemp("run")
+    (root / "rewards_mine.py").write_text(LENGTH_REWARD)
+    out = root / "out"
+    result = grpo(
+        "train", "--max-steps", "2", "--num-generations", "4", "--batch-size", "4",
+        "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "5e-3", "--save-steps", "1",
+        "--system-prompt", "Answer in one short sentence.", "--limit", "8",
+        "--reward", "answer_tag", "--reward", f"{root}/rewards_mine.py:longer:0.5", "--output-dir", str(out),
+    )  # fmt: skip
+    return out, result.stdout
+
+
+def test_train_prints_steps_and_writes_adapter_and_metrics(run):
+    out, stdout = run
+    assert "step 1/2 | reward" in stdout and "step 2/2 | reward" in stdout and "longer" in stdout
+    assert {"adapter_config.json", "adapter_model.safetensors", "grpo.json"} <= {
+        p.name for p in (out / "adapter").iterdir()
+    }
+    assert not (out / "adapter" / "ref").exists()  # TRL's frozen reference copy stays out of the adapter
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and "rewards/longer/mean" in metrics[0]
+
+
+def test_lora_weights_moved(run):
+    from safetensors.torch import load_file
+
+    weights = load_file(run[0] / "adapter" / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and any(t.abs().max() > 0 for t in lora_b)  # lora_B starts at zero
+
+
+def test_manifest(run):
+    manifest = json.loads((run[0] / "adapter" / "grpo.json").read_text())
+    assert manifest["base_model"] == "smollm2-135m" and manifest["step"] == 2
+    assert manifest["system_prompt"] == "Answer in one short sentence."
+    assert manifest["rewards"][0] == "answer_tag" and manifest["last_reward"] is not None
+
+
+def test_save_lora_from_a_checkpoint_and_refuse_overwrite(run, tmp_path):
+    out = tmp_path / "lora"
+    grpo("save-lora", str(run[0] / "checkpoint-1"), str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "grpo.json"]
+    assert json.loads((out / "grpo.json").read_text())["step"] == 1
+    before = (out / "adapter_model.safetensors").read_bytes()
+    refused = grpo("save-lora", str(run[0]), str(out), check=False)
+    assert refused.returncode == 2 and "is not empty: choose another directory or pass --force" in refused.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    grpo("save-lora", str(run[0]), str(out), "--force")
+    assert json.loads((out / "grpo.json").read_text())["step"] == 2
+
+
+def test_infer_round_trip_adapter_differs_from_base(run):
+    args = ["infer", "--lora", str(run[0] / "adapter"), "--prompt", "What is 7 + 5?", "--max-tokens", "24", "--json"]
+    first = json.loads(grpo(*args, "--seed", "1").stdout)
+    again = json.loads(grpo(*args, "--seed", "1").stdout)
+    assert first == again  # a fixed seed repeats
+    assert first[0]["base"] != first[0]["adapter"]
+
+
+def test_infer_applies_the_manifest_prompt_and_refuses_another_base(run, tmp_path):
+    from grpo_cli.generate import Pair
+
+    pair = Pair(None, run[0] / "adapter")
+    assert "Answer in one short sentence." in pair.texts(["q"], None)[0]
+    assert "Other prompt" in pair.texts(["q"], "Other prompt")[0]
+
+    other = tmp_path / "other"
+    shutil.copytree(run[0] / "adapter", other)
+    manifest = json.loads((other / "grpo.json").read_text())
+    (other / "grpo.json").write_text(json.dumps(manifest | {"base_fingerprint": "0123456789abcdef"}))
+    refused = grpo("infer", "--lora", str(other), "--prompt", "hi", check=False)
+    assert refused.returncode == 2
+    assert "was trained on smollm2-135m (config 0123456789abcdef), not on smollm2-135m (config" in refused.stderr
+
+
+def test_embedded_tokenizer_ends_at_im_end_and_generation_stops_there():
+    from grpo_cli.config import ModelSettings
+    from grpo_cli.generate import Sampling, chat_texts, generate_hf
+    from grpo_cli.models import load_model
+
+    model, tokenizer = load_model(ModelSettings(lora_rank=8))
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    texts = chat_texts(tokenizer, ["Say hello."], "")
+    batch = tokenizer(texts, return_tensors="pt", add_special_tokens=False)
+    ids = model.generate(**batch, max_new_tokens=64, do_sample=False)[0, batch["input_ids"].shape[1] :]
+    assert ids[-1].item() == 2 and len(ids) < 64  # stopped on <|im_end|>, well before the limit
+    assert generate_hf(model, tokenizer, texts, Sampling(max_tokens=64, greedy=True))[0].strip()
+
+
+@pytest.mark.skipif(not __import__("tests.conftest").conftest.SHARED_GSM8K.is_dir(), reason="no ../shared GSM8K")
+def test_train_on_the_real_gsm8k_file(tmp_path):
+    from tests.conftest import SHARED_GSM8K
+
+    result = grpo(
+        "train", "--dataset", str(SHARED_GSM8K / "train.jsonl"), "--max-steps", "1", "--num-generations", "2",
+        "--batch-size", "2", "--max-completion-length", "8", "--lora-rank", "4", "--limit", "4",
+        "--output-dir", str(tmp_path / "gsm8k"),
+    )  # fmt: skip
+    assert "Training on 4 prompts" in result.stdout and "step 1/1 | reward" in result.stdout
