@@ -60,6 +60,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Train a LoRA adapter with GRPO."""
+    from grpo_cli.adapter import read_manifest
     from grpo_cli.config import load_settings
     from grpo_cli.train import train as run
 
@@ -74,6 +75,13 @@ def train(
         limit=limit, output_dir=output_dir, save_steps=save_steps,
     )  # fmt: skip
     settings = load_settings(str(config) if config else None, flags)
+    if resume:  # continue with the run's own settings; flags given now still win
+        saved = read_manifest(Path(settings.train.output_dir)).get("settings")
+        if not saved:
+            raise GrpoError(
+                f"--resume: {settings.train.output_dir} holds no grpo.json from an earlier run: check --output-dir"
+            )
+        settings = load_settings(str(config) if config else None, flags, saved=saved)
     run(settings, resume=True if resume == "latest" else (resume or False), overwrite=overwrite)
 
 
@@ -218,6 +226,29 @@ def evaluate(
                     highlight=False,
                 )
     console.print(f"Per-prompt results: {output_dir}/eval.json, {output_dir}/eval.csv")
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, GPU, the backend `train` will use, and what to fix. Exits 1 when `train` cannot work."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from grpo_cli.doctor import diagnose
+
+    facts, problems, warnings = diagnose()
+    table = Table(show_header=False)
+    for name, value in facts:
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    for line in warnings:
+        console.print(f"[yellow]warning[/]: {line}", highlight=False)
+    for line in problems:
+        console.print(f"[red]problem[/]: {line}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print("[green]ok[/]: `grpo train` can run here")
 
 
 def main() -> None:

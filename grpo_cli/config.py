@@ -129,9 +129,12 @@ def read_recipe(path: str) -> dict:
     return values
 
 
-def load_settings(config: str | None = None, flags: dict | None = None) -> Settings:
-    """Defaults, then the YAML recipe, then the flags that were given (None means not given)."""
+def load_settings(config: str | None = None, flags: dict | None = None, saved: dict | None = None) -> Settings:
+    """Defaults (or a saved run's settings), then the YAML recipe, then the flags given (None: not given)."""
     settings = Settings()
+    for section in ("model", "data", "train") if saved else ():
+        apply(settings, {k: v for k, v in saved[section].items() if k != "extra"}, "the saved run")
+        settings.train.extra.update(saved[section].get("extra", {}))
     if config:
         apply(settings, read_recipe(config), config)
     apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "the command line")

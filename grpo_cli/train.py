@@ -1,15 +1,15 @@
 """Build and run the GRPO trainer; save the adapter with its manifest."""
 
-import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
+from grpo_cli import report
 from grpo_cli.adapter import MANIFEST, fingerprint, save_adapter, write_json
 from grpo_cli.config import Settings
 from grpo_cli.errors import GrpoError
-
-METRICS = "metrics.jsonl"
 
 
 def run_manifest(settings: Settings, model, tokenizer) -> dict:
@@ -75,31 +75,58 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
     return GRPOConfig(**args)
 
 
-def console_and_metrics(output_dir: Path):
-    """A callback that prints one line a step and appends it to metrics.jsonl."""
+def step_log(output_dir: Path, sample_every: int = 10):
+    """A callback that prints one line a step, appends metrics, and keeps a few samples."""
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
+        trainer = None  # set once the trainer exists: TRL keeps the latest completions on it
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "reward" not in logs:
                 return
-            row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            with (output_dir / METRICS).open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            step = state.global_step
+            report.append_metrics(
+                output_dir, {"step": step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            )
+            if self.trainer is not None and (step == 1 or step % sample_every == 0):
+                report.append_samples(output_dir, step, getattr(self.trainer, "_logs", {}))
             per_reward = [
                 f"{k.split('/')[1]} {v:.3f}"
                 for k, v in logs.items()
                 if k.startswith("rewards/") and k.endswith("/mean")
             ]
-            parts = [f"step {state.global_step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward]
+            parts = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward]
             if "kl" in logs:
                 parts.append(f"kl {logs['kl']:.4f}")
             parts.append(f"length {logs.get('completions/mean_length', 0):.1f}")
             if "step_time" in logs:
-                parts.append(f"{logs['step_time']:.1f}s")
+                eta = logs["step_time"] * (state.max_steps - step)
+                parts.append(f"{logs['step_time']:.1f}s/step, {eta / 60:.0f} min left")
             print(" | ".join(parts), flush=True)
 
     return StepLog()
+
+
+def stop_on_signal():
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one exits at once."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        signum = None
+
+        def handle(self, signum, frame):
+            if self.signum is not None:
+                os._exit(128 + signum)
+            self.signum = signum
+            print("\nStopping after this step to save a checkpoint and the adapter (again to quit at once)", flush=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.signum is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return StopOnSignal()
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -161,18 +188,31 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=Dataset.from_list(examples),
-        callbacks=[console_and_metrics(output_dir)],
+        callbacks=[log := step_log(output_dir), stop := stop_on_signal()],
     )
+    log.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
     write_json(output_dir / MANIFEST, manifest)
+    if checkpoint:
+        report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
 
-    # Train
+    # Train; Ctrl-C or SIGTERM stops after the current step
     started = time.time()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.train(resume_from_checkpoint=checkpoint)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     # Save adapter
     history = [h for h in trainer.state.log_history if "reward" in h]
     manifest.update(step=trainer.state.global_step, last_reward=history[-1]["reward"] if history else None)
     adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
+    plot = report.plot(output_dir)
     print(f"Trained {trainer.state.global_step} steps in {time.time() - started:.0f}s; adapter saved to {adapter}")
+    print(f"Metrics: {output_dir / report.METRICS}, plot: {plot}")
+    if stop.signum is not None:
+        print(f"Interrupted: resume with --resume latest --output-dir {output_dir}")
+        raise SystemExit(128 + stop.signum)
     return adapter

@@ -9,8 +9,6 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-LENGTH_REWARD = "def longer(completions, **kw):\n    return [len(c[-1]['content']) / 100 for c in completions]\n"
-
 
 def grpo(*args, check=True):
     result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True)
@@ -22,14 +20,12 @@ def grpo(*args, check=True):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Two GRPO steps; a length reward guarantees spread within each group, so the LoRA must move."""
-    root = tmp_path_factory.mktemp("run")
-    (root / "rewards_mine.py").write_text(LENGTH_REWARD)
-    out = root / "out"
+    out = tmp_path_factory.mktemp("run") / "out"
     result = grpo(
         "train", "--max-steps", "2", "--num-generations", "4", "--batch-size", "4",
         "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "5e-3", "--save-steps", "1",
         "--system-prompt", "Answer in one short sentence.", "--limit", "8",
-        "--reward", "answer_tag", "--reward", f"{root}/rewards_mine.py:longer:0.5", "--output-dir", str(out),
+        "--reward", "answer_tag", "--reward", "tests/length_reward.py:longer:0.5", "--output-dir", str(out),
     )  # fmt: skip
     return out, result.stdout
 
@@ -121,3 +117,36 @@ def test_train_on_the_real_gsm8k_file(tmp_path):
         "--output-dir", str(tmp_path / "gsm8k"),
     )  # fmt: skip
     assert "Training on 4 prompts" in result.stdout and "step 1/1 | reward" in result.stdout
+
+
+def test_ctrl_c_saves_a_loadable_adapter_and_resume_continues(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "grpo_cli", "train", "--max-steps", "50", "--num-generations", "2", "--batch-size", "2",
+        "--max-completion-length", "8", "--lora-rank", "4", "--save-steps", "100", "--learning-rate", "1e-3",
+        "--reward", "answer_tag", "--reward", "tests/length_reward.py:longer", "--output-dir", str(out),
+    ]  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("step 2/50"):
+            process.send_signal(signal.SIGINT)
+            break
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=300) == 130, "".join(lines)
+    stopped = json.loads((out / "adapter" / "grpo.json").read_text())["step"]
+    assert 2 <= stopped < 50 and (out / f"checkpoint-{stopped}").is_dir() and (out / "rewards.png").is_file()
+
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    assert PeftConfig.from_pretrained(str(out / "adapter")).r == 4
+    assert load_file(out / "adapter" / "adapter_model.safetensors")
+
+    grpo("train", "--resume", "latest", "--output-dir", str(out), "--max-steps", str(stopped + 1))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stopped + 2))  # one continuous file, no step twice
+    assert json.loads((out / "adapter" / "grpo.json").read_text())["step"] == stopped + 1

@@ -1,0 +1,90 @@
+"""What a run leaves to read: metrics.jsonl and .csv, completions.jsonl, rewards.png."""
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+SAMPLES = "completions.jsonl"
+PLOT = "rewards.png"
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_text(path: Path, text: str | bytes) -> None:
+    """Through a temporary file and a rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode() if isinstance(text, str) else text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def keep_metrics_until(output_dir: Path, step: int) -> None:
+    """On resume from checkpoint-N, drop the lines after step N: they are trained again."""
+    rows = [r for r in read_metrics(output_dir) if r["step"] <= step]
+    write_text(Path(output_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def append_metrics(output_dir: Path, row: dict) -> None:
+    with (Path(output_dir) / METRICS).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = read_metrics(output_dir)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(Path(output_dir) / "metrics.csv", out.getvalue())
+
+
+def append_samples(output_dir: Path, step: int, logs: dict, count: int = 4) -> None:
+    """A few prompt/completion/reward rows of the latest generation batch (TRL keeps them in ``_logs``)."""
+    prompts, completions = list(logs.get("prompt", [])), list(logs.get("completion", []))
+    rewards = {name: list(values) for name, values in logs.get("rewards", {}).items()}
+    with (Path(output_dir) / SAMPLES).open("a") as f:
+        for i in range(min(count, len(completions))):
+            prompt, completion = prompts[i], completions[i]
+            f.write(json.dumps({
+                "step": step,
+                "prompt": prompt[-1]["content"] if isinstance(prompt, list) else prompt,
+                "completion": completion[-1]["content"] if isinstance(completion, list) else completion,
+                "rewards": {name: values[i] for name, values in rewards.items() if i < len(values)},
+            }) + "\n")  # fmt: skip
+
+
+def plot(output_dir: Path) -> Path | None:
+    """rewards.png: mean reward (total and each function) and completion length over steps."""
+    rows = read_metrics(output_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    top.plot(steps, [r["reward"] for r in rows], color="black", linewidth=2, label="total")
+    for key in (k for k in rows[-1] if k.startswith("rewards/") and k.endswith("/mean")):
+        top.plot(steps, [r.get(key) for r in rows], linewidth=1, label=key.split("/")[1])
+    top.set_ylabel("mean reward")
+    top.legend(fontsize=8, loc="best")
+    top.grid(alpha=0.3)
+    bottom.plot(steps, [r.get("completions/mean_length") for r in rows], color="tab:gray")
+    bottom.set_ylabel("completion length (tokens)")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    fig.suptitle(f"{Path(output_dir).name}: {len(rows)} steps")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_text(Path(output_dir) / PLOT, buffer.getvalue())
+    return Path(output_dir) / PLOT
