@@ -27,6 +27,7 @@ endif
 
 demo: install
 	$(BIN)/grpo train --config recipes/smollm2-135m-cpu.yaml --overwrite
+	$(BIN)/grpo eval --lora outputs/smollm2-135m-cpu/adapter --output-dir outputs/smollm2-135m-cpu/eval --overwrite
 
 test: install
 	$(BIN)/ruff check .

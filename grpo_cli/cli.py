@@ -58,6 +58,9 @@ def train(
     save_steps: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint-N directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="Check the rewards on base-model samples of 8 prompts; train nothing.")
+    ] = False,
 ) -> None:
     """Train a LoRA adapter with GRPO."""
     from grpo_cli.adapter import read_manifest
@@ -75,6 +78,8 @@ def train(
         limit=limit, output_dir=output_dir, save_steps=save_steps,
     )  # fmt: skip
     settings = load_settings(str(config) if config else None, flags)
+    if dry_run:
+        return check_rewards(settings)
     if resume:  # continue with the run's own settings; flags given now still win
         saved = read_manifest(Path(settings.train.output_dir)).get("settings")
         if not saved:
@@ -83,6 +88,29 @@ def train(
             )
         settings = load_settings(str(config) if config else None, flags, saved=saved)
     run(settings, resume=True if resume == "latest" else (resume or False), overwrite=overwrite)
+
+
+def check_rewards(settings) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from grpo_cli.train import reward_check
+
+    rows, unparsed, prompts, g = reward_check(settings)
+    table = Table(title=f"Rewards on {prompts} prompts x {g} base-model completions")
+    for column in ("reward", "mean", "std", "groups with no spread"):
+        table.add_column(column, justify="left" if column == "reward" else "right")
+    for row in rows:
+        table.add_row(row["reward"], f"{row['mean']:.3f}", f"{row['std']:.3f}", f"{row['zero_spread_groups']:.0%}")
+    console = Console()
+    console.print(table)
+    console.print(f"completions without an <answer> tag (parse failures): {unparsed:.0%}")
+    if all(row["zero_spread_groups"] == 1 for row in rows):
+        console.print(
+            "[yellow]warning[/]: every reward is constant within every group: GRPO has no signal to learn from. "
+            "Add a shaped reward (e.g. --reward answer_tag), a one-shot example in --system-prompt, or more --num-generations",
+            highlight=False,
+        )
 
 
 @app.command("save-lora")

@@ -1,5 +1,6 @@
 """Build and run the GRPO trainer; save the adapter with its manifest."""
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -152,6 +153,11 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     output_dir = Path(settings.train.output_dir)
     check_output_dir(output_dir, bool(resume), overwrite)
     reward_funcs = [checked(resolve(spec)[0]) for spec in settings.data.rewards]
+    for logger in {settings.train.report_to} - {"none", "all"}:
+        if importlib.util.find_spec(logger) is None:
+            raise GrpoError(
+                f"report_to {logger}: {logger} is not installed: pip install {logger}, or set report_to: none"
+            )
     models.resolve_model(settings.model.model)
     load_examples(settings.data)
 
@@ -216,3 +222,40 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         print(f"Interrupted: resume with --resume latest --output-dir {output_dir}")
         raise SystemExit(128 + stop.signum)
     return adapter
+
+
+def reward_check(settings: Settings, prompts: int = 8) -> list[dict]:
+    """Sample the base model as training would and say, per reward, whether it gives a learning signal."""
+    import statistics
+
+    from grpo_cli.data import load_examples
+    from grpo_cli.generate import Pair, Sampling
+    from rewards import checked, resolve
+
+    funcs = {spec: checked(resolve(spec)[0]) for spec in settings.data.rewards}
+    examples = load_examples(settings.data)[:prompts]
+    pair = Pair(settings.model.model, None, settings.model.max_seq_length)
+    g = settings.train.num_generations
+    texts = pair.texts([e["prompt"][-1]["content"] for e in examples for _ in range(g)], settings.data.system_prompt)
+    sampling = Sampling(
+        temperature=settings.train.temperature,
+        top_p=1.0,
+        max_tokens=settings.train.max_completion_length,
+        seed=settings.train.seed,
+    )
+    completions = [[{"role": "assistant", "content": c}] for c in pair.base(texts, sampling)]
+    repeated = [e for e in examples for _ in range(g)]
+    rows = []
+    for spec, func in funcs.items():
+        values = func(
+            prompts=[e["prompt"] for e in repeated], completions=completions, answer=[e["answer"] for e in repeated]
+        )
+        groups = [values[i : i + g] for i in range(0, len(values), g)]
+        rows.append({
+            "reward": spec,
+            "mean": statistics.mean(values),
+            "std": statistics.pstdev(values),
+            "zero_spread_groups": sum(len(set(group)) == 1 for group in groups) / len(groups),
+        })  # fmt: skip
+    unparsed = sum("<answer>" not in c[0]["content"] for c in completions) / len(completions)
+    return rows, unparsed, len(examples), g

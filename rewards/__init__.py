@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from grpo_cli.errors import GrpoError
-from rewards.format import answer_tag_reward
+from rewards.format import answer_tag_reward, numbers_used_reward
 from rewards.numeric import numeric_correctness_reward
 from rewards.reference import (
     correctness_reward,
@@ -25,6 +25,7 @@ REWARDS = {
     "correctness": correctness_reward,
     "numeric_correctness": numeric_correctness_reward,
     "answer_tag": answer_tag_reward,
+    "numbers_used": numbers_used_reward,
 }
 
 REFERENCE_REWARDS = ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]

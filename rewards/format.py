@@ -19,3 +19,24 @@ def answer_tag_reward(completions, **kwargs) -> list[float]:
         score = 0.25 * ("<answer>" in text) + 0.25 * ("</answer>" in text)
         scores.append(score + (0.5 if FINAL_ANSWER.search(text) else 0.0))
     return scores
+
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def numbers_used_reward(prompts, completions, **kwargs) -> list[float]:
+    """Share of the question's numbers that the completion works with (0..1).
+
+    It keeps a model from answering with a memorised example instead of this question's numbers.
+
+    >>> question = [[{"role": "user", "content": "Ava has 12 pens and gets 5 more."}]]
+    >>> numbers_used_reward(question * 3, ["12 + 5 = 17 <answer>17</answer>", "3 + 4 = 7", "12 pens"])
+    [1.0, 0.0, 0.5]
+    """
+    scores = []
+    for prompt, completion in zip(prompts, completions):
+        question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        wanted = set(NUMBER.findall(question))
+        used = set(NUMBER.findall(completion_text(completion)))
+        scores.append(len(wanted & used) / len(wanted) if wanted else 0.0)
+    return scores

@@ -34,10 +34,20 @@ def test_train_help_lists_every_reward_name():
         (["train", "--model", "./no/such/model"], "model path ./no/such/model does not exist"),
         (["train", "--model", "gpt5"], "unknown model 'gpt5': use smollm2-135m"),
         (["train", "--dataset", "missing.jsonl", "--model", "./nothing"], "does not exist"),
+        (["train", "--dataset", "missing.jsonl"], "data file missing.jsonl does not exist"),
+        (["train", "--model", "."], "is not a model directory (no config.json)"),
+        (["train", "--lora-rank", "0"], "lora_rank must be a positive integer, got 0"),
+        (["train", "--learning-rate", "-1"], "learning_rate must be positive"),
+        (["train", "--reward", "rewards.reference:STRICT_FORMAT"], "is not a callable"),
+        (["train", "--reward", "no_such_mod:f"], "reward module no_such_mod does not import"),
+        (["infer", "--lora", ".", "--prompt", "hi"], "is not a LoRA adapter (missing adapter_config.json"),
+        (["infer", "--lora", "nowhere", "--prompt", "hi"], "adapter directory nowhere does not exist"),
+        (["save-lora", "nowhere", "out"], "nowhere does not exist"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, message):
-    result = grpo(*args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    out = ["--output-dir", str(tmp_path / "out")] if args[0] == "train" else []
+    result = grpo(*args, *out, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -56,3 +66,21 @@ def test_non_empty_output_dir_is_refused(tmp_path):
     result = grpo("train", "--output-dir", str(out), "--max-steps", "1")
     assert result.returncode == 2 and "is not empty: pass --resume latest to continue it, --overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_unknown_recipe_key_and_empty_prompts_file(tmp_path):
+    (tmp_path / "r.yaml").write_text("num_generation: 4\n")
+    result = grpo("train", "--config", "r.yaml", cwd=tmp_path)
+    assert (
+        result.returncode == 2
+        and "unknown setting 'num_generation' in r.yaml: did you mean 'num_generations'?" in result.stderr
+    )
+    (tmp_path / "empty.txt").write_text("\n")
+    result = grpo("infer", "--prompts-file", "empty.txt", cwd=tmp_path)
+    assert result.returncode == 2 and "prompts file empty.txt is empty: put one prompt on each line" in result.stderr
+
+
+def test_report_to_a_logger_that_is_not_installed(tmp_path):
+    (tmp_path / "r.yaml").write_text("report_to: no_such_logger\n")
+    result = grpo("train", "--config", "r.yaml", cwd=tmp_path)
+    assert result.returncode == 2 and "no_such_logger is not installed" in result.stderr

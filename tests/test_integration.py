@@ -150,3 +150,13 @@ def test_ctrl_c_saves_a_loadable_adapter_and_resume_continues(tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, stopped + 2))  # one continuous file, no step twice
     assert json.loads((out / "adapter" / "grpo.json").read_text())["step"] == stopped + 1
+
+
+def test_dry_run_reports_each_reward_and_writes_nothing(tmp_path):
+    result = grpo(
+        "train", "--dry-run", "--num-generations", "2", "--batch-size", "2", "--max-completion-length", "8",
+        "--reward", "answer_tag", "--reward", "correctness", "--output-dir", str(tmp_path / "never"),
+    )  # fmt: skip
+    assert "Rewards on 8 prompts x 2 base-model completions" in result.stdout
+    assert "answer_tag" in result.stdout and "groups with no spread" in result.stdout
+    assert "parse failures" in result.stdout and not (tmp_path / "never").exists()

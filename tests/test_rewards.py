@@ -77,6 +77,20 @@ def test_correctness(text, answer, exact, numeric):
     assert REWARDS["numeric_correctness"](prompts=[None], completions=[msg(text)], answer=[answer]) == [numeric]
 
 
+@pytest.mark.parametrize(
+    "question, text, expected",
+    [
+        ("Ava has 12 pens and gets 5 more.", "12 + 5 = 17 <answer>17</answer>", 1.0),
+        ("Ava has 12 pens and gets 5 more.", "3 + 4 = 7 <answer>7</answer>", 0.0),  # the memorised example
+        ("Ava has 12 pens and gets 5 more.", "12 pens", 0.5),
+        ("No numbers here.", "42", 0.0),
+    ],
+)
+def test_numbers_used(question, text, expected):
+    prompt = [{"role": "user", "content": question}]
+    assert REWARDS["numbers_used"](prompts=[prompt], completions=[msg(text)]) == [expected]
+
+
 def test_extract_xml_answer_takes_the_last_answer():
     assert extract_xml_answer("<answer>1</answer> then <answer>\n2\n</answer>") == "2"
 

@@ -1,0 +1,117 @@
+"""The vLLM path through Unsloth, wired against fakes so it is tested without a GPU."""
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from grpo_cli import models
+from grpo_cli.config import ModelSettings
+from grpo_cli.generate import Sampling, generate_vllm
+
+
+class FakeVllmModel:
+    """Unsloth's fast_inference model: fast_generate and load_lora."""
+
+    def __init__(self):
+        self.calls = []
+
+    def load_lora(self, path):
+        return ("lora-request", path)
+
+    def fast_generate(self, texts, sampling_params=None, lora_request=None):
+        self.calls.append((texts, sampling_params, lora_request))
+        tag = "tuned" if lora_request else "base"
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{tag}:{t}")]) for t in texts]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+def test_fast_generate_gets_the_adapter_as_a_lora_request(fake_vllm):
+    model = FakeVllmModel()
+    sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=1024, seed=7)
+    assert generate_vllm(model, ["q"], sampling, None) == ["base:q"]
+    assert generate_vllm(model, ["q"], sampling, Path("lora")) == ["tuned:q"]
+    (_, base_params, base_lora), (_, params, lora) = model.calls
+    assert base_lora is None and lora == ("lora-request", "lora")
+    assert params == {"temperature": 0.8, "top_p": 0.95, "max_tokens": 1024, "seed": 7}
+
+
+def test_greedy_is_temperature_zero(fake_vllm):
+    model = FakeVllmModel()
+    generate_vllm(model, ["q"], Sampling(greedy=True, max_tokens=16), None)
+    assert model.calls[0][1]["temperature"] == 0.0
+
+
+@pytest.mark.parametrize("has_vllm, expected", [(True, True), (False, False)])
+def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, tmp_path, has_vllm, expected):
+    seen = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            seen.update(kwargs)
+            return "model", types.SimpleNamespace(pad_token="<pad>", eos_token="</s>")
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: (has_vllm or None) if name == "vllm" else real_find_spec(name)
+    )
+    (tmp_path / "config.json").write_text("{}")
+    settings = ModelSettings(model=str(tmp_path), lora_rank=32, gpu_memory_utilization=0.5)
+    models.load_model(settings)
+    assert seen["fast_inference"] is expected and seen["gpu_memory_utilization"] == 0.5
+    assert seen["load_in_4bit"] is True and seen["max_lora_rank"] == 32
+    assert models.generation_backend(settings) == (
+        "Unsloth GPU + vLLM" if expected else "Unsloth GPU + transformers generate"
+    )
+
+
+def test_cpu_load_does_not_ask_for_vllm(monkeypatch, tmp_path):
+    seen = {}
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kwargs):
+            seen.update(kwargs)
+            return "model", types.SimpleNamespace(pad_token=None, eos_token="</s>")
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    monkeypatch.setattr(models, "cuda_available", lambda: False)
+    (tmp_path / "config.json").write_text("{}")
+    _, tokenizer = models.load_model(ModelSettings(model=str(tmp_path)))
+    assert "fast_inference" not in seen and tokenizer.pad_token == "</s>"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_gpu_two_grpo_steps_save_and_infer(tmp_path):
+    import subprocess
+
+    out = tmp_path / "run"
+    subprocess.run(
+        [sys.executable, "-m", "grpo_cli", "train", "--max-steps", "2", "--num-generations", "4", "--batch-size", "4",
+         "--max-completion-length", "32", "--lora-rank", "8", "--reward", "answer_tag", "--output-dir", str(out)],
+        check=True,
+    )  # fmt: skip
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    subprocess.run([sys.executable, "-m", "grpo_cli", "infer", "--lora", str(out / "adapter"), "--prompt", "2+2?",
+                    "--max-tokens", "16"], check=True)  # fmt: skip
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or __import__("importlib").util.find_spec("vllm") is None,
+    reason="needs CUDA and vLLM",
+)
+def test_vllm_backend_is_chosen():
+    assert models.use_vllm(ModelSettings())
