@@ -77,11 +77,27 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
 
 
 def step_log(output_dir: Path, sample_every: int = 10):
-    """A callback that prints one line a step, appends metrics, and keeps a few samples."""
+    """A callback that shows a progress bar, prints one line a step, appends metrics and keeps samples."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers import TrainerCallback
+
+    console = Console(soft_wrap=True, highlight=False)
 
     class StepLog(TrainerCallback):
         trainer = None  # set once the trainer exists: TRL keeps the latest completions on it
+        progress = task = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress = Progress(
+                TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"), console=console, transient=True,
+            )  # fmt: skip
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
+            self.progress.start()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.progress.stop()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "reward" not in logs:
@@ -93,18 +109,17 @@ def step_log(output_dir: Path, sample_every: int = 10):
             if self.trainer is not None and (step == 1 or step % sample_every == 0):
                 report.append_samples(output_dir, step, getattr(self.trainer, "_logs", {}))
             per_reward = [
-                f"{k.split('/')[1]} {v:.3f}"
+                f"{k.split('/')[1].removesuffix('_reward')} {v:.3f}"
                 for k, v in logs.items()
                 if k.startswith("rewards/") and k.endswith("/mean")
             ]
-            parts = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward]
-            if "kl" in logs:
-                parts.append(f"kl {logs['kl']:.4f}")
-            parts.append(f"length {logs.get('completions/mean_length', 0):.1f}")
-            if "step_time" in logs:
-                eta = logs["step_time"] * (state.max_steps - step)
-                parts.append(f"{logs['step_time']:.1f}s/step, {eta / 60:.0f} min left")
-            print(" | ".join(parts), flush=True)
+            kl = f"kl {logs['kl']:.4f}" if "kl" in logs else None
+            length = f"length {logs.get('completions/mean_length', 0):.1f}"
+            seconds = f"{logs['step_time']:.1f}s" if "step_time" in logs else None
+            line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length, seconds]
+            console.print(" | ".join(part for part in line if part))
+            status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length) if part)
+            self.progress.update(self.task, completed=step, status=status)
 
     return StepLog()
 

@@ -1,0 +1,201 @@
+"""grpo's path vs plain TRL GRPOTrainer + PEFT + transformers, on the same GRPO settings.
+
+    python bench/grpo_bench.py                  # alternate both engines, print the table
+    python bench/grpo_bench.py --engine plain   # one run, one JSON line (what the driver calls)
+
+Each run is its own process: importing unsloth patches TRL, which would leak into a plain run.
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def arguments(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--engine", choices=["grpo", "plain"], help="one run of one engine (default: the comparison)")
+    p.add_argument("--model", default="smollm2-135m", help="a model name grpo resolves (default: the embedded one)")
+    p.add_argument("--steps", type=int, default=6, help="steps per run; the first is warm-up and not counted")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both engines")
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=1, help="prompts per step")
+    p.add_argument("--completion-length", type=int, default=48)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--four-bit", action=argparse.BooleanOptionalAction, default=True, help="bitsandbytes 4-bit base")
+    p.add_argument("--seed", type=int, default=3407)
+    return p.parse_args(argv)
+
+
+def torch_chunked_logprob():
+    """A pure-torch stand-in for TRL's Triton `_ChunkedLogProbFunction` (None without Triton, so on CPU)."""
+    import torch.nn.functional as F
+
+    class TorchLogProb:
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+            logits = F.linear(hidden, weight, bias).float() * logit_scale
+            if softcap:
+                logits = softcap * (logits / softcap).tanh()
+            logp = (logits / temperature).log_softmax(-1)
+            picked = logp.gather(-1, targets[:, None]).squeeze(-1)
+            entropy = -(logp.exp() * logp).sum(-1) if "entropy" in outputs else None
+            sq = (2 * logp).logsumexp(-1) if "log_sum_sq_probs" in outputs else None
+            mean = logits.mean(-1) if "mean_logits" in outputs else None
+            top1 = logits.argmax(-1) == targets if "is_top1" in outputs else None
+            return picked, entropy, sq, mean, top1
+
+    return TorchLogProb
+
+
+def load(engine, args):
+    from grpo_cli.config import ModelSettings
+
+    settings = ModelSettings(model=args.model, lora_rank=args.lora_rank, load_in_4bit=args.four_bit, max_seq_length=512)
+    if engine == "grpo":
+        from grpo_cli import models
+
+        model, tokenizer = models.load_model(settings)
+        return models.add_lora(model, settings), tokenizer, "unsloth"
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from trl.trainer import utils
+
+    from grpo_cli.models import resolve_model
+
+    note = "plain"
+    if utils._ChunkedLogProbFunction is None:
+        utils._ChunkedLogProbFunction = torch_chunked_logprob()
+        note = "plain, pure-torch _ChunkedLogProbFunction (TRL's needs Triton)"
+    path = resolve_model(args.model)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    quant = (
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        if args.four_bit
+        else None
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=quant, device_map="auto" if torch.cuda.is_available() else None
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    lora = LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora), tokenizer, note
+
+
+def one_run(args) -> dict:
+    if args.engine == "grpo":
+        import unsloth  # noqa: F401  (first, as in grpo)
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_cli.data import arithmetic_problems
+    from rewards import REWARDS
+
+    model, tokenizer, note = load(args.engine, args)
+    generate, generation_seconds = model.generate, []
+
+    def timed_generate(*a, **kw):
+        start = time.perf_counter()
+        out = generate(*a, **kw)
+        generation_seconds.append(time.perf_counter() - start)
+        return out
+
+    model.generate = timed_generate
+    rows = [
+        {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+        for r in arithmetic_problems("train", 200)
+    ]
+    steps = []
+
+    class Record(TrainerCallback):
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "step_time" in logs:
+                completions = args.generations * args.prompts
+                steps.append({"step_time": logs["step_time"], "generation": sum(generation_seconds),
+                              "completion_tokens": logs["completions/mean_length"] * completions})  # fmt: skip
+                generation_seconds.clear()
+
+    cpu = not torch.cuda.is_available()
+    config = GRPOConfig(
+        output_dir="/tmp/grpo-bench", max_steps=args.steps, per_device_train_batch_size=args.generations * args.prompts,
+        num_generations=args.generations, max_completion_length=args.completion_length, learning_rate=1e-5,
+        beta=0.0, logging_steps=1, report_to="none", save_strategy="no", seed=args.seed, disable_tqdm=True,
+        use_cpu=cpu, bf16=not cpu and torch.cuda.is_bf16_supported(), temperature=1.0,
+    )  # fmt: skip
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[REWARDS["answer_tag"]], args=config,
+                          train_dataset=Dataset.from_list(rows), callbacks=[Record()])  # fmt: skip
+    num_tokens = []
+    trainer.add_callback(
+        type(
+            "T",
+            (TrainerCallback,),
+            {"on_log": lambda self, a, s, c, logs=None, **k: num_tokens.append(logs.get("num_tokens"))},
+        )()
+    )
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    counted = steps[1:]  # the first step warms up
+    tokens = [b - a for a, b in zip(num_tokens, num_tokens[1:]) if a is not None and b is not None][: len(counted)]
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if not cpu
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {
+        "engine": args.engine, "note": note,
+        "step_time": statistics.median(s["step_time"] for s in counted),
+        "generation_tokens_per_s": sum(s["completion_tokens"] for s in counted) / sum(s["generation"] for s in counted),
+        "training_tokens_per_s": sum(tokens) / sum(s["step_time"] - s["generation"] for s in counted),
+        "peak_memory_gib": peak, "memory_kind": "GPU allocated" if not cpu else "peak RSS",
+    }  # fmt: skip
+
+
+def compare(args) -> None:
+    results = {"grpo": [], "plain": []}
+    for round_ in range(args.rounds):
+        for engine in ("grpo", "plain"):
+            cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
+            print(f"round {round_ + 1}/{args.rounds}: {engine} ...", flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("{")), None)
+            if done.returncode or line is None:
+                sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
+            results[engine].append(json.loads(line))
+    keys = [("step_time", "median step time (s)"), ("generation_tokens_per_s", "generation tokens/s"),
+            ("training_tokens_per_s", "training tokens/s"), ("peak_memory_gib", "peak memory (GiB)")]  # fmt: skip
+    med = {e: {k: statistics.median(r[k] for r in rs) for k, _ in keys} for e, rs in results.items()}
+    print(f"\nmodel {args.model}, {args.prompts} prompt(s) x {args.generations} completions x {args.completion_length} tokens, "
+          f"LoRA r{args.lora_rank}, 4-bit {args.four_bit}, {args.steps - 1} counted steps x {args.rounds} rounds")  # fmt: skip
+    print(f"memory: {results['grpo'][0]['memory_kind']}; plain: {results['plain'][0]['note']}")
+    print(f"{'':28}{'grpo':>12}{'plain':>12}{'grpo/plain':>12}")
+    for key, label in keys:
+        g, p = med["grpo"][key], med["plain"][key]
+        print(f"{label:28}{g:12.2f}{p:12.2f}{g / p:12.2f}")
+    if med["grpo"]["step_time"]:
+        print(
+            f"speed-up (plain step time / grpo step time): {med['plain']['step_time'] / med['grpo']['step_time']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    args = arguments()
+    if args.engine:
+        print(json.dumps(one_run(args)), flush=True)
+    else:
+        compare(args)
