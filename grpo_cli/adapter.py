@@ -99,7 +99,7 @@ def save_adapter(model, out_dir: Path, manifest: dict, force: bool = False) -> P
 
 
 def find_adapter(source: Path) -> tuple[Path, dict]:
-    """A run directory, one of its checkpoint-N directories, or an adapter -> (adapter dir, manifest)."""
+    """A run directory, one of its checkpoint-N directories, or an adapter -> (adapter dir, manifest or {})."""
     source = Path(source)
     if not source.is_dir():
         raise GrpoError(
@@ -108,10 +108,8 @@ def find_adapter(source: Path) -> tuple[Path, dict]:
     adapter = source / "adapter" if (source / "adapter").is_dir() else source
     check_adapter_dir(adapter)
     manifest = read_manifest(adapter) or read_manifest(source) or read_manifest(source.parent)
-    if not manifest:
-        raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
     state = adapter / "trainer_state.json"
-    if state.is_file():  # a checkpoint: its own step and reward, not the run's last
+    if manifest and state.is_file():  # a checkpoint: its own step and reward, not the run's last
         history = json.loads(state.read_text())
         rewards = [h["reward"] for h in history.get("log_history", []) if "reward" in h]
         manifest = manifest | {"step": history.get("global_step"), "last_reward": rewards[-1] if rewards else None}
@@ -121,6 +119,8 @@ def find_adapter(source: Path) -> tuple[Path, dict]:
 def save_lora(source: Path, out_dir: Path, merged: bool = False, gguf: str | None = None, force: bool = False) -> Path:
     """Write an adapter (or a merged model, or a GGUF file) with its manifest, all or nothing."""
     adapter, manifest = find_adapter(source)
+    if not manifest:
+        raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_cli.adapter import check_adapter_dir, fingerprint, read_manifest
+from grpo_cli.adapter import find_adapter, fingerprint
 from grpo_cli.errors import GrpoError
 
 
@@ -85,11 +85,7 @@ class Pair:
         from grpo_cli import models
         from grpo_cli.config import ModelSettings
 
-        self.lora_dir = Path(lora_dir) if lora_dir else None
-        self.manifest = {}
-        if self.lora_dir:
-            check_adapter_dir(self.lora_dir)
-            self.manifest = read_manifest(self.lora_dir)
+        self.lora_dir, self.manifest = find_adapter(lora_dir) if lora_dir else (None, {})
         model_name = model_name or self.manifest.get("base_model")
         if not model_name:
             raise GrpoError(f"{self.lora_dir} has no grpo.json naming its base model: give --model")

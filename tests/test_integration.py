@@ -83,6 +83,12 @@ def test_infer_applies_the_manifest_prompt_and_refuses_another_base(run, tmp_pat
     pair = Pair(None, run[0] / "adapter")
     assert "Answer in one short sentence." in pair.texts(["q"], None)[0]
     assert "Other prompt" in pair.texts(["q"], "Other prompt")[0]
+    assert pair.manifest["step"] == 2
+    # a checkpoint has no manifest of its own: the run's applies, with the checkpoint's step
+    from grpo_cli.adapter import find_adapter
+
+    adapter, manifest = find_adapter(run[0] / "checkpoint-1")
+    assert manifest["system_prompt"] == "Answer in one short sentence." and manifest["step"] == 1
 
     other = tmp_path / "other"
     shutil.copytree(run[0] / "adapter", other)
