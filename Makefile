@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
-PIP := $(BIN)/pip install --disable-pip-version-check
+PIP := $(BIN)/pip install --disable-pip-version-check -q
 
 .PHONY: install demo test test-fast lint format clean
 

@@ -46,6 +46,10 @@ def train(
     max_prompt_length: Annotated[int | None, typer.Option(help="Drop prompts longer than this many tokens.")] = None,
     max_completion_length: Annotated[int | None, typer.Option(help="Tokens generated per completion at most.")] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of GPU memory for vLLM (0.6).")] = None,
+    standby: Annotated[
+        bool | None, typer.Option("--standby", help="Unsloth's vLLM standby mode: share GPU memory with training.")
+    ] = None,
     lora_alpha: Annotated[int | None, typer.Option(help="LoRA alpha (default: the rank).")] = None,
     beta: Annotated[float | None, typer.Option(help="KL coefficient to the frozen reference.")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Clipping range of the ratio.")] = None,
@@ -73,7 +77,7 @@ def train(
         num_generations=num_generations, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, learning_rate=learning_rate,
         max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, beta=beta, epsilon=epsilon,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, gpu_memory_utilization=gpu_memory_utilization, vllm_standby=standby, beta=beta, epsilon=epsilon,
         num_iterations=num_iterations, loss_type=loss_type, temperature=temperature, seed=seed,
         limit=limit, output_dir=output_dir, save_steps=save_steps,
     )  # fmt: skip
@@ -279,7 +283,19 @@ def doctor() -> None:
     console.print("[green]ok[/]: `grpo train` can run here")
 
 
+def quiet_libraries() -> None:
+    """Library chatter that asks nothing of the user (weight-loading bars, advisory warnings) stays off."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main() -> None:
+    if "--debug" not in sys.argv:
+        quiet_libraries()
     try:
         app()
     except GrpoError as exc:

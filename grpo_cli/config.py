@@ -31,6 +31,7 @@ class ModelSettings:
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     fast_inference: bool = True  # vLLM generation, where CUDA and vLLM are present
     gpu_memory_utilization: float = 0.6
+    vllm_standby: bool = False  # Unsloth's standby: vLLM and training share GPU memory
     random_state: int = 3407
 
 
@@ -91,6 +92,10 @@ def _names(cls) -> list[str]:
 
 
 def grpo_config_fields() -> set[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth"):
+        import unsloth  # noqa: F401  (it must come before trl and transformers in a training process)
     from trl import GRPOConfig
 
     return {f.name for f in dataclasses.fields(GRPOConfig)}
@@ -181,6 +186,10 @@ def validate(s: Settings) -> None:
             f"batch size {t.per_device_train_batch_size} x grad accum {t.gradient_accumulation_steps} = {batch} "
             f"must be divisible by num_generations {t.num_generations}: use --num-generations "
             f"{' or '.join(map(str, _divisors(batch)))}, or --batch-size {t.num_generations}"
+        )
+    if not 0 < m.gpu_memory_utilization <= 1:
+        raise GrpoError(
+            f"gpu_memory_utilization must be in (0, 1], got {m.gpu_memory_utilization}: the reference uses 0.6"
         )
     max_rank = m.max_lora_rank or m.lora_rank
     if m.lora_rank > max_rank:

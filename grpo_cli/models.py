@@ -68,10 +68,14 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
-def resolve_model(name: str) -> str:
-    """A model name as the user gives it -> what ``from_pretrained`` takes (a directory or hub id)."""
+def resolve_model(name: str, convert: bool = True) -> str:
+    """A model name as the user gives it -> what ``from_pretrained`` takes (a directory or hub id).
+
+    With ``convert=False`` a GGUF file is checked but not converted yet (conversion imports
+    transformers, which must come after unsloth in a training process)."""
     if name == EMBEDDED:
-        return str(convert_gguf(embedded_gguf(), cache_dir() / EMBEDDED))
+        gguf = embedded_gguf()
+        return str(convert_gguf(gguf, cache_dir() / EMBEDDED) if convert else cache_dir() / EMBEDDED)
     if name in ALIASES:
         return ALIASES[name]
     path = Path(name).expanduser()
@@ -80,7 +84,8 @@ def resolve_model(name: str) -> str:
             raise GrpoError(f"model file {name} does not exist: give the path of a .gguf file")
         stat = path.resolve().stat()
         key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return str(convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{key}"))
+        out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+        return str(convert_gguf(path, out) if convert else out)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise GrpoError(
@@ -119,7 +124,9 @@ def generation_backend(settings: ModelSettings) -> str:
 
 def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     """Load through Unsloth (imported before trl/transformers touch the model). Returns model, tokenizer."""
-    from unsloth import FastLanguageModel
+    if settings.vllm_standby:  # read by unsloth when it is imported
+        os.environ["UNSLOTH_VLLM_STANDBY"] = "1"
+    from unsloth import FastLanguageModel  # before anything imports transformers
 
     name = resolve_model(settings.model)
     kwargs = dict(

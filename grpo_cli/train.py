@@ -173,7 +173,12 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
             raise GrpoError(
                 f"report_to {logger}: {logger} is not installed: pip install {logger}, or set report_to: none"
             )
-    models.resolve_model(settings.model.model)
+    checkpoint = (latest_checkpoint(output_dir) if resume is True else resume) or None
+    if resume and (checkpoint is None or not Path(checkpoint).is_dir()):
+        raise GrpoError(
+            f"--resume: no checkpoint {checkpoint or 'checkpoint-N'} in {output_dir}: start a new run with --overwrite"
+        )
+    models.resolve_model(settings.model.model, convert=False)
     load_examples(settings.data)
 
     # Load model: unsloth first, as it patches trl and transformers on import
@@ -196,9 +201,6 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     from transformers import PrinterCallback
     from trl import GRPOTrainer
 
-    checkpoint = (latest_checkpoint(output_dir) if resume is True else resume) or None
-    if resume and checkpoint is None:
-        raise GrpoError(f"--resume: no checkpoint-N directory in {output_dir}: start a new run with --overwrite")
     if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -239,8 +241,9 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     return adapter
 
 
-def reward_check(settings: Settings, prompts: int = 8) -> list[dict]:
-    """Sample the base model as training would and say, per reward, whether it gives a learning signal."""
+def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], float, int, int]:
+    """Sample the base model as training would; per reward: mean, std, share of groups with no spread.
+    Also returns the share of completions without an <answer> tag, the prompt count and the group size."""
     import statistics
 
     from grpo_cli.data import load_examples

@@ -22,7 +22,7 @@ def test_help(command):
 def test_train_help_lists_every_reward_name():
     from rewards import REWARDS
 
-    output = " ".join(CliRunner().invoke(app, ["train", "--help"], terminal_width=200).output.split())
+    output = " ".join(CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output.split())
     assert all(name in output for name in REWARDS)
 
 
@@ -84,3 +84,14 @@ def test_report_to_a_logger_that_is_not_installed(tmp_path):
     (tmp_path / "r.yaml").write_text("report_to: no_such_logger\n")
     result = grpo("train", "--config", "r.yaml", cwd=tmp_path)
     assert result.returncode == 2 and "no_such_logger is not installed" in result.stderr
+
+
+def test_resume_without_a_run_or_a_checkpoint(tmp_path):
+    result = grpo("train", "--resume", "latest", "--output-dir", "run", cwd=tmp_path)
+    assert result.returncode == 2 and "run holds no grpo.json from an earlier run" in result.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "grpo.json").write_text(
+        '{"settings": {"model": {}, "data": {}, "train": {"output_dir": "run"}}}'
+    )
+    result = grpo("train", "--resume", "latest", "--output-dir", "run", cwd=tmp_path)
+    assert result.returncode == 2 and "--resume: no checkpoint checkpoint-N in run" in result.stderr

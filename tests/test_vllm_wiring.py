@@ -115,3 +115,28 @@ def test_gpu_two_grpo_steps_save_and_infer(tmp_path):
 )
 def test_vllm_backend_is_chosen():
     assert models.use_vllm(ModelSettings())
+
+
+def test_standby_is_set_before_unsloth_is_imported(monkeypatch, tmp_path):
+    import builtins
+    import os
+
+    monkeypatch.delenv("UNSLOTH_VLLM_STANDBY", raising=False)
+    seen = {}
+    real_import = builtins.__import__
+
+    def spy(name, *args, **kwargs):
+        if name == "unsloth":
+            seen["standby"] = os.environ.get("UNSLOTH_VLLM_STANDBY")
+            return types.SimpleNamespace(
+                FastLanguageModel=types.SimpleNamespace(
+                    from_pretrained=lambda **kw: ("model", types.SimpleNamespace(pad_token="p", eos_token="e"))
+                )
+            )
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", spy)
+    monkeypatch.setattr(models, "cuda_available", lambda: False)
+    (tmp_path / "config.json").write_text("{}")
+    models.load_model(ModelSettings(model=str(tmp_path), vllm_standby=True))
+    assert seen["standby"] == "1"
