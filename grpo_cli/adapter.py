@@ -103,7 +103,7 @@ def find_adapter(source: Path) -> tuple[Path, dict]:
     source = Path(source)
     if not source.is_dir():
         raise GrpoError(
-            f"{source} does not exist: give a training output directory or one of its checkpoint-N directories"
+            f"{source} does not exist: give an adapter, a training output directory or one of its checkpoint-N directories"
         )
     adapter = source / "adapter" if (source / "adapter").is_dir() else source
     check_adapter_dir(adapter)

@@ -1,5 +1,6 @@
 """The `grpo` command: parse, then delegate to a plain function."""
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -170,12 +171,13 @@ def infer(
     from grpo_cli.generate import Pair, Sampling
 
     prompts = read_prompts(prompt, prompts_file)
-    pair = Pair(model, lora)
-    texts = pair.texts(prompts, system_prompt)
-    sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-    base = pair.base(texts, sampling)
-    tuned = pair.tuned(texts, sampling) if lora else None
-    warning = pair.warn_if_inert(texts[0])
+    with contextlib.redirect_stdout(sys.stderr):  # libraries print while loading: keep stdout for answers
+        pair = Pair(model, lora)
+        texts = pair.texts(prompts, system_prompt)
+        sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        base = pair.base(texts, sampling)
+        tuned = pair.tuned(texts, sampling) if lora else None
+        warning = pair.warn_if_inert(texts[0])
     if warning:
         print(warning, file=sys.stderr)
     if as_json:

@@ -41,7 +41,10 @@ def test_train_help_lists_every_reward_name():
         (["train", "--reward", "rewards.reference:STRICT_FORMAT"], "is not a callable"),
         (["train", "--reward", "no_such_mod:f"], "reward module no_such_mod does not import"),
         (["infer", "--lora", ".", "--prompt", "hi"], "is not a LoRA adapter (missing adapter_config.json"),
-        (["infer", "--lora", "nowhere", "--prompt", "hi"], "adapter directory nowhere does not exist"),
+        (
+            ["infer", "--lora", "nowhere", "--prompt", "hi"],
+            "nowhere does not exist: give an adapter, a training output",
+        ),
         (["save-lora", "nowhere", "out"], "nowhere does not exist"),
     ],
 )

@@ -20,10 +20,13 @@ def grpo(*args, check=True):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """Two GRPO steps; a length reward guarantees spread within each group, so the LoRA must move."""
-    out = tmp_path_factory.mktemp("run") / "out"
+    root = tmp_path_factory.mktemp("run")
+    out = root / "out"
+    # no warm-up and a loose clip, so both steps move the adapter enough to change what it says
+    (root / "recipe.yaml").write_text("warmup_ratio: 0.0\nmax_grad_norm: 1.0\n")
     result = grpo(
-        "train", "--max-steps", "2", "--num-generations", "4", "--batch-size", "4",
-        "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "5e-3", "--save-steps", "1",
+        "train", "--config", str(root / "recipe.yaml"), "--max-steps", "2", "--num-generations", "4", "--batch-size", "4",
+        "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "2e-2", "--save-steps", "1",
         "--system-prompt", "Answer in one short sentence.", "--limit", "8",
         "--reward", "answer_tag", "--reward", "tests/length_reward.py:longer:0.5", "--output-dir", str(out),
     )  # fmt: skip
@@ -106,7 +109,7 @@ def test_embedded_tokenizer_ends_at_im_end_and_generation_stops_there():
 
     model, tokenizer = load_model(ModelSettings(lora_rank=8))
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.eos_token_id == 2
-    texts = chat_texts(tokenizer, ["Say hello."], "")
+    texts = chat_texts(tokenizer, ["What is the capital of France? Answer in one word."], "")
     batch = tokenizer(texts, return_tensors="pt", add_special_tokens=False)
     ids = model.generate(**batch, max_new_tokens=64, do_sample=False)[0, batch["input_ids"].shape[1] :]
     assert ids[-1].item() == 2 and len(ids) < 64  # stopped on <|im_end|>, well before the limit
