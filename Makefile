@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast bench lint format clean
 
 install: $(STAMP)
 
@@ -35,6 +35,9 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python bench/grpo_bench.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -127,8 +127,11 @@ def one_run(args) -> dict:
             if logs and "step_time" in logs:
                 completions = args.generations * args.prompts
                 steps.append({"step_time": logs["step_time"], "generation": sum(generation_seconds),
+                              "logp_grad": sum(logp_seconds[True]), "logp_nograd": sum(logp_seconds[False]),
                               "completion_tokens": logs["completions/mean_length"] * completions})  # fmt: skip
                 generation_seconds.clear()
+                logp_seconds[True].clear()
+                logp_seconds[False].clear()
 
     cpu = not torch.cuda.is_available()
     config = GRPOConfig(
@@ -139,6 +142,16 @@ def one_run(args) -> dict:
     )  # fmt: skip
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[REWARDS["answer_tag"]], args=config,
                           train_dataset=Dataset.from_list(rows), callbacks=[Record()])  # fmt: skip
+    logp_seconds = {True: [], False: []}  # forward passes for log-probs, with and without grad
+    logps = trainer._get_per_token_logps_and_entropies
+
+    def timed_logps(*a, **kw):
+        start = time.perf_counter()
+        out = logps(*a, **kw)
+        logp_seconds[torch.is_grad_enabled()].append(time.perf_counter() - start)
+        return out
+
+    trainer._get_per_token_logps_and_entropies = timed_logps
     num_tokens = []
     trainer.add_callback(
         type(
@@ -163,6 +176,11 @@ def one_run(args) -> dict:
         "generation_tokens_per_s": sum(s["completion_tokens"] for s in counted) / sum(s["generation"] for s in counted),
         "training_tokens_per_s": sum(tokens) / sum(s["step_time"] - s["generation"] for s in counted),
         "peak_memory_gib": peak, "memory_kind": "GPU allocated" if not cpu else "peak RSS",
+        "profile": {part: statistics.median(s[key] for s in counted) for part, key in
+                    [("generation", "generation"), ("log-prob forward, no grad", "logp_nograd"),
+                     ("log-prob forward for the loss", "logp_grad")]}
+                   | {"backward, optimizer, rewards, rest": statistics.median(
+                       s["step_time"] - s["generation"] - s["logp_grad"] - s["logp_nograd"] for s in counted)},
     }  # fmt: skip
 
 
@@ -187,6 +205,12 @@ def compare(args) -> None:
     for key, label in keys:
         g, p = med["grpo"][key], med["plain"][key]
         print(f"{label:28}{g:12.2f}{p:12.2f}{g / p:12.2f}")
+    print("\nwhere a step's time goes (median seconds):")
+    print(f"{'':36}{'grpo':>10}{'plain':>10}")
+    for part in results["grpo"][0]["profile"]:
+        g = statistics.median(r["profile"][part] for r in results["grpo"])
+        p = statistics.median(r["profile"][part] for r in results["plain"])
+        print(f"{part:36}{g:10.2f}{p:10.2f}")
     if med["grpo"]["step_time"]:
         print(
             f"speed-up (plain step time / grpo step time): {med['plain']['step_time'] / med['grpo']['step_time']:.2f}x"
