@@ -24,7 +24,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class ModelSettings:
     model: str = "smollm2-135m"
     max_seq_length: int = 1024
-    load_in_4bit: bool = True
+    load_in_4bit: bool | None = None  # None: 4-bit on CUDA; 16-bit on CPU, where it measured faster
     lora_rank: int = 32
     lora_alpha: int | None = None  # None: equal to lora_rank, as the reference
     max_lora_rank: int | None = None  # None: equal to lora_rank

@@ -94,6 +94,7 @@ class Pair:
             model=model_name,
             max_seq_length=max_seq_length,
             lora_rank=trained.get("lora_rank", 16),
+            load_in_4bit=trained.get("load_in_4bit"),  # the base as the adapter was trained on it
             max_lora_rank=trained.get("max_lora_rank"),
         )
         self.vllm = models.use_vllm(settings)

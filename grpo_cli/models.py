@@ -129,10 +129,15 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     from unsloth import FastLanguageModel  # before anything imports transformers
 
     name = resolve_model(settings.model)
+    four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
+    if four_bit is None:
+        four_bit = cuda_available()
+        if not four_bit:
+            print("CPU: loading 16-bit weights, faster than 4-bit here (load_in_4bit: true in a recipe forces 4-bit)")
     kwargs = dict(
         model_name=name,
         max_seq_length=settings.max_seq_length,
-        load_in_4bit=settings.load_in_4bit if load_in_4bit is None else load_in_4bit,
+        load_in_4bit=four_bit,
         max_lora_rank=settings.max_lora_rank or settings.lora_rank,
     )
     if cuda_available():

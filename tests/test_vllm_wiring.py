@@ -67,7 +67,7 @@ def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, tmp_path, has_vllm, expect
         models.importlib.util, "find_spec", lambda name: (has_vllm or None) if name == "vllm" else real_find_spec(name)
     )
     (tmp_path / "config.json").write_text("{}")
-    settings = ModelSettings(model=str(tmp_path), lora_rank=32, gpu_memory_utilization=0.5)
+    settings = ModelSettings(model=str(tmp_path), lora_rank=32, gpu_memory_utilization=0.5)  # 4-bit: auto
     models.load_model(settings)
     assert seen["fast_inference"] is expected and seen["gpu_memory_utilization"] == 0.5
     assert seen["load_in_4bit"] is True and seen["max_lora_rank"] == 32
@@ -90,6 +90,9 @@ def test_cpu_load_does_not_ask_for_vllm(monkeypatch, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     _, tokenizer = models.load_model(ModelSettings(model=str(tmp_path)))
     assert "fast_inference" not in seen and tokenizer.pad_token == "</s>"
+    assert seen["load_in_4bit"] is False  # 16-bit is faster on CPU; a recipe can force 4-bit
+    models.load_model(ModelSettings(model=str(tmp_path), load_in_4bit=True))
+    assert seen["load_in_4bit"] is True
 
 
 @pytest.mark.gpu
