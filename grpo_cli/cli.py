@@ -292,7 +292,8 @@ def quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main() -> None:

@@ -169,3 +169,16 @@ def test_dry_run_reports_each_reward_and_writes_nothing(tmp_path):
     assert "Rewards on 8 prompts x 2 base-model completions" in result.stdout
     assert "answer_tag" in result.stdout and "groups with no spread" in result.stdout
     assert "parse failures" in result.stdout and not (tmp_path / "never").exists()
+
+
+def test_hub_id_without_network_says_what_to_do(tmp_path):
+    import os
+
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo_cli", "train", "--model", "someorg/no-such-model", "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "could not load someorg/no-such-model from the hub" in result.stderr
+    assert "pass a local path, or use the embedded smollm2-135m" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
