@@ -4,8 +4,10 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +184,21 @@ def test_hub_id_without_network_says_what_to_do(tmp_path):
     assert "could not load someorg/no-such-model from the hub" in result.stderr
     assert "pass a local path, or use the embedded smollm2-135m" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_save_lora_merged_and_gguf_on_cpu(run, tmp_path):
+    from safetensors.torch import load_file
+
+    from grpo_cli.models import resolve_model
+
+    grpo("save-lora", str(run[0]), str(tmp_path / "merged"), "--merged")
+    assert json.loads((tmp_path / "merged" / "grpo.json").read_text())["format"] == "merged 16-bit"
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    base = load_file(Path(resolve_model("smollm2-135m")) / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    # without the merge these would be equal: the base is saved in the merged model's dtype
+    assert merged[name].shape == base[name].shape and not torch.equal(merged[name], base[name].to(merged[name].dtype))
+
+    refused = grpo("save-lora", str(run[0]), str(tmp_path / "gguf"), "--gguf", "q4_k_m", check=False)
+    assert refused.returncode == 2 and "write --merged and convert" in refused.stderr
+    assert not (tmp_path / "gguf").exists()
