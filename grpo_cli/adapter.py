@@ -23,6 +23,11 @@ _VOLATILE = {
 }
 
 
+def occupied(path: Path) -> bool:
+    """A directory that exists and holds something: never written over without being asked."""
+    return Path(path).is_dir() and any(Path(path).iterdir())
+
+
 def fingerprint(config) -> str:
     """A short hash of a model config's architecture, stable across dtype and quantization.
 
@@ -68,7 +73,7 @@ def publish(out_dir: Path, write, force: bool = False) -> Path:
     content is complete.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+    if occupied(out_dir) and not force:
         raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
@@ -122,7 +127,7 @@ def save_lora(source: Path, out_dir: Path, merged: bool = False, gguf: str | Non
     if not manifest:
         raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+    if occupied(out_dir) and not force:
         raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
     if gguf:
         from grpo_cli.models import cuda_available

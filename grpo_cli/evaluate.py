@@ -5,7 +5,7 @@ import io
 import statistics
 from pathlib import Path
 
-from grpo_cli.adapter import publish, write_json
+from grpo_cli.adapter import occupied, publish, write_json
 from grpo_cli.config import DataSettings
 from grpo_cli.errors import GrpoError
 from rewards import resolve
@@ -86,7 +86,7 @@ def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir:
     """Generate with both, score, write eval.json and eval.csv. Returns (summaries, base rows, adapter rows)."""
     from grpo_cli.data import load_examples
 
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+    if occupied(output_dir) and not overwrite:
         raise GrpoError(f"eval output {output_dir} is not empty: pass --overwrite or another --output-dir")
     examples = load_examples(data)
     texts = pair.texts([e["prompt"][-1]["content"] for e in examples], data.system_prompt)
@@ -100,7 +100,7 @@ def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir:
 
     def write(tmp: Path) -> None:
         write_json(tmp / "eval.json", result)
-        (tmp / "eval.csv").write_text(csv_text(base, tuned or []) if tuned else csv_text(base, []))
+        (tmp / "eval.csv").write_text(csv_text(base, tuned or []))
 
     publish(output_dir, write, force=True)
     return summaries, base, tuned

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from grpo_cli import report
-from grpo_cli.adapter import MANIFEST, fingerprint, save_adapter, write_json
+from grpo_cli.adapter import MANIFEST, fingerprint, occupied, save_adapter, write_json
 from grpo_cli.config import Settings
 from grpo_cli.errors import GrpoError
 
@@ -146,7 +146,7 @@ def stop_on_signal():
 
 
 def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
-    if output_dir.exists() and any(output_dir.iterdir()) and not (resume or overwrite):
+    if occupied(output_dir) and not (resume or overwrite):
         raise GrpoError(
             f"output directory {output_dir} is not empty: pass --resume latest to continue it, "
             "--overwrite to replace it, or another --output-dir"
