@@ -50,24 +50,30 @@ def test_greedy_is_temperature_zero(fake_vllm):
     assert model.calls[0][1]["temperature"] == 0.0
 
 
-@pytest.mark.parametrize("has_vllm, expected", [(True, True), (False, False)])
-def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, tmp_path, has_vllm, expected):
+@pytest.fixture
+def fake_unsloth(monkeypatch, tmp_path):
+    """A fake unsloth whose from_pretrained records its arguments; returns them and a model dir."""
     seen = {}
 
-    class FastLanguageModel:
-        @staticmethod
-        def from_pretrained(**kwargs):
-            seen.update(kwargs)
-            return "model", types.SimpleNamespace(pad_token="<pad>", eos_token="</s>")
+    def from_pretrained(**kwargs):
+        seen.update(kwargs)
+        return "model", types.SimpleNamespace(pad_token=None, eos_token="</s>")
 
-    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    module = types.SimpleNamespace(FastLanguageModel=types.SimpleNamespace(from_pretrained=from_pretrained))
+    monkeypatch.setitem(sys.modules, "unsloth", module)
+    (tmp_path / "config.json").write_text("{}")
+    return seen, str(tmp_path), module
+
+
+@pytest.mark.parametrize("has_vllm, expected", [(True, True), (False, False)])
+def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, fake_unsloth, has_vllm, expected):
+    seen, path, _ = fake_unsloth
     monkeypatch.setattr(models, "cuda_available", lambda: True)
     real_find_spec = models.importlib.util.find_spec
     monkeypatch.setattr(
         models.importlib.util, "find_spec", lambda name: (has_vllm or None) if name == "vllm" else real_find_spec(name)
     )
-    (tmp_path / "config.json").write_text("{}")
-    settings = ModelSettings(model=str(tmp_path), lora_rank=32, gpu_memory_utilization=0.5)  # 4-bit: auto
+    settings = ModelSettings(model=path, lora_rank=32, gpu_memory_utilization=0.5)  # 4-bit: auto
     models.load_model(settings)
     assert seen["fast_inference"] is expected and seen["gpu_memory_utilization"] == 0.5
     assert seen["load_in_4bit"] is True and seen["max_lora_rank"] == 32
@@ -76,22 +82,13 @@ def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, tmp_path, has_vllm, expect
     )
 
 
-def test_cpu_load_does_not_ask_for_vllm(monkeypatch, tmp_path):
-    seen = {}
-
-    class FastLanguageModel:
-        @staticmethod
-        def from_pretrained(**kwargs):
-            seen.update(kwargs)
-            return "model", types.SimpleNamespace(pad_token=None, eos_token="</s>")
-
-    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+def test_cpu_load_does_not_ask_for_vllm(monkeypatch, fake_unsloth):
+    seen, path, _ = fake_unsloth
     monkeypatch.setattr(models, "cuda_available", lambda: False)
-    (tmp_path / "config.json").write_text("{}")
-    _, tokenizer = models.load_model(ModelSettings(model=str(tmp_path)))
+    _, tokenizer = models.load_model(ModelSettings(model=path))
     assert "fast_inference" not in seen and tokenizer.pad_token == "</s>"
     assert seen["load_in_4bit"] is False  # 16-bit is faster on CPU; a recipe can force 4-bit
-    models.load_model(ModelSettings(model=str(tmp_path), load_in_4bit=True))
+    models.load_model(ModelSettings(model=path, load_in_4bit=True))
     assert seen["load_in_4bit"] is True
 
 
@@ -120,10 +117,11 @@ def test_vllm_backend_is_chosen():
     assert models.use_vllm(ModelSettings())
 
 
-def test_standby_is_set_before_unsloth_is_imported(monkeypatch, tmp_path):
+def test_standby_is_set_before_unsloth_is_imported(monkeypatch, fake_unsloth):
     import builtins
     import os
 
+    _, path, module = fake_unsloth
     monkeypatch.delenv("UNSLOTH_VLLM_STANDBY", raising=False)
     seen = {}
     real_import = builtins.__import__
@@ -131,15 +129,10 @@ def test_standby_is_set_before_unsloth_is_imported(monkeypatch, tmp_path):
     def spy(name, *args, **kwargs):
         if name == "unsloth":
             seen["standby"] = os.environ.get("UNSLOTH_VLLM_STANDBY")
-            return types.SimpleNamespace(
-                FastLanguageModel=types.SimpleNamespace(
-                    from_pretrained=lambda **kw: ("model", types.SimpleNamespace(pad_token="p", eos_token="e"))
-                )
-            )
+            return module
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", spy)
     monkeypatch.setattr(models, "cuda_available", lambda: False)
-    (tmp_path / "config.json").write_text("{}")
-    models.load_model(ModelSettings(model=str(tmp_path), vllm_standby=True))
+    models.load_model(ModelSettings(model=path, vllm_standby=True))
     assert seen["standby"] == "1"
