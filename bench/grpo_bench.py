@@ -134,12 +134,19 @@ def one_run(args) -> dict:
                 logp_seconds[False].clear()
 
     cpu = not torch.cuda.is_available()
-    config = GRPOConfig(
-        output_dir="/tmp/grpo-bench", max_steps=args.steps, per_device_train_batch_size=args.generations * args.prompts,
-        num_generations=args.generations, max_completion_length=args.completion_length, learning_rate=1e-5,
-        beta=0.0, logging_steps=1, report_to="none", save_strategy="no", seed=args.seed, disable_tqdm=True,
-        use_cpu=cpu, bf16=not cpu and torch.cuda.is_bf16_supported(), temperature=1.0,
-    )  # fmt: skip
+    same = dict(output_dir="/tmp/grpo-bench", max_steps=args.steps, per_device_train_batch_size=args.generations * args.prompts,
+                num_generations=args.generations, max_completion_length=args.completion_length, learning_rate=1e-5,
+                beta=0.0, logging_steps=1, report_to="none", seed=args.seed, temperature=1.0)  # fmt: skip
+    if args.engine == "grpo":  # grpo's own GRPOConfig mapping and trainer class
+        from grpo_cli.config import DataSettings, Settings, TrainSettings
+        from grpo_cli.train import grpo_config, trainer_class
+
+        train = TrainSettings(**same, extra={"save_strategy": "no"})
+        settings = Settings(data=DataSettings(rewards=["answer_tag"]), train=train)
+        config, GRPOTrainer = grpo_config(settings, cpu=cpu, vllm=False), trainer_class()  # noqa: N806
+    else:
+        config = GRPOConfig(**same, save_strategy="no", disable_tqdm=True, use_cpu=cpu,
+                            bf16=not cpu and torch.cuda.is_bf16_supported())  # fmt: skip
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[REWARDS["answer_tag"]], args=config,
                           train_dataset=Dataset.from_list(rows), callbacks=[Record()])  # fmt: skip
     logp_seconds = {True: [], False: []}  # forward passes for log-probs, with and without grad

@@ -1,5 +1,6 @@
 """Inference: the base model and the adapter on the same prompts, with the same template."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,56 @@ def chat_texts(tokenizer, questions: list[str], system_prompt: str) -> list[str]
     ]
 
 
+@contextmanager
+def merged_lora(model):
+    """Fold each 16-bit LoRA layer into its base weight while generating: the same function with a third of
+    the ops a token. The base weights are put back as they were (no merge/unmerge rounding drift)."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    swapped = []
+    with torch.no_grad():
+        for layer in model.modules():
+            base = layer.get_base_layer() if isinstance(layer, Linear) else None
+            if base is None or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
+                continue
+            if not base.weight.is_floating_point():  # 4-bit: left as is
+                continue
+            original = base.weight.data
+            base.weight.data = original + layer.get_delta_weight(layer.active_adapters[0]).to(original.dtype)
+            layer.merged_adapters.append(layer.active_adapters[0])
+            swapped.append((layer, base, original))
+    try:
+        yield
+    finally:
+        for layer, base, original in swapped:
+            base.weight.data = original
+            layer.merged_adapters.clear()
+
+
+@contextmanager
+def fast_sampling():
+    """On CPU, torch.multinomial draws an exponential for every vocabulary entry: 8 ms a token for 8 rows of a 49k
+    vocabulary on 2 cores. One uniform a row against the cumulative distribution draws from the same distribution
+    in 0.3 ms; transformers' sampling calls torch.multinomial, so it is swapped while generating."""
+    import torch
+
+    multinomial = torch.multinomial
+
+    def sample(probs, num_samples, replacement=False, *, generator=None, out=None):
+        if num_samples != 1 or probs.device.type != "cpu" or out is not None:
+            return multinomial(probs, num_samples, replacement, generator=generator, out=out)
+        cdf = probs.double().cumsum(-1)
+        u = torch.rand(cdf.shape[:-1] + (1,), dtype=cdf.dtype, generator=generator) * cdf[..., -1:]
+        return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)
+
+    torch.multinomial = sample
+    try:
+        yield
+    finally:
+        torch.multinomial = multinomial
+
+
 def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_size: int = 32) -> list[str]:
     """transformers generation, left-padded batches, seeded so that runs repeat."""
     import torch
@@ -43,7 +94,7 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
             texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
         )
         batch = batch.to(model.device)
-        with torch.no_grad():
+        with torch.no_grad(), merged_lora(model), fast_sampling():
             ids = model.generate(
                 **batch, max_new_tokens=sampling.max_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
             )

@@ -67,6 +67,7 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
             print(f"CPU: optimizer {args['optim']} needs CUDA, using adamw_torch")
             args["optim"] = "adamw_torch"
         args.update(use_cpu=True, bf16=False, fp16=False)
+        args.setdefault("gradient_checkpointing", False)  # recomputing the forward costs time; memory is ample
     else:
         bf16 = torch.cuda.is_bf16_supported()
         args.setdefault("bf16", bf16)
@@ -74,6 +75,23 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
     if vllm:
         args["use_vllm"] = True
     return GRPOConfig(**args)
+
+
+def trainer_class():
+    """TRL's GRPOTrainer; its transformers generation runs with the LoRA folded into the weights and faster
+    sampling on CPU."""
+    from trl import GRPOTrainer
+
+    from grpo_cli.generate import fast_sampling, merged_lora
+
+    class Trainer(GRPOTrainer):
+        def _generate_single_turn(self, *args, **kwargs):
+            if self.use_vllm:
+                return super()._generate_single_turn(*args, **kwargs)
+            with merged_lora(self.model), fast_sampling():
+                return super()._generate_single_turn(*args, **kwargs)
+
+    return Trainer
 
 
 def step_log(output_dir: Path, sample_every: int = 10):
@@ -199,13 +217,12 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
 
     # Build trainer
     from transformers import PrinterCallback
-    from trl import GRPOTrainer
 
     if overwrite and output_dir.exists():
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
-    trainer = GRPOTrainer(
+    trainer = trainer_class()(
         model=model,
         processing_class=tokenizer,
         reward_funcs=reward_funcs,

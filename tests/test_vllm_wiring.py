@@ -5,6 +5,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from grpo_cli import models
 from grpo_cli.config import ModelSettings
@@ -57,7 +58,12 @@ def fake_unsloth(monkeypatch, tmp_path):
 
     def from_pretrained(**kwargs):
         seen.update(kwargs)
-        return "model", types.SimpleNamespace(pad_token=None, eos_token="</s>")
+        model = types.SimpleNamespace(
+            config=types.SimpleNamespace(_attn_implementation="sdpa"),
+            dtype=torch.float32,
+            get_output_embeddings=lambda: torch.nn.Linear(2, 2),
+        )
+        return model, types.SimpleNamespace(pad_token=None, eos_token="</s>")
 
     module = types.SimpleNamespace(FastLanguageModel=types.SimpleNamespace(from_pretrained=from_pretrained))
     monkeypatch.setitem(sys.modules, "unsloth", module)
