@@ -28,7 +28,18 @@ def arguments(argv=None):
     p.add_argument("--prompts", type=int, default=1, help="prompts per step")
     p.add_argument("--completion-length", type=int, default=48)
     p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--four-bit", action=argparse.BooleanOptionalAction, default=True, help="bitsandbytes 4-bit base")
+    p.add_argument(
+        "--four-bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bitsandbytes 4-bit base for both (default: grpo's choice, 4-bit on GPU, 16-bit on CPU)",
+    )
+    p.add_argument(
+        "--plain-dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="plain's compute dtype (default: bf16 on GPU, fp32 on CPU, as transformers loads it there)",
+    )
     p.add_argument("--seed", type=int, default=3407)
     return p.parse_args(argv)
 
@@ -62,7 +73,8 @@ def load(engine, args):
         from grpo_cli import models
 
         model, tokenizer = models.load_model(settings)
-        return models.add_lora(model, settings), tokenizer, "unsloth"
+        precision = "4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype).replace("torch.", "")
+        return models.add_lora(model, settings), tokenizer, f"Unsloth, {precision}"
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -75,12 +87,18 @@ def load(engine, args):
         utils._ChunkedLogProbFunction = torch_chunked_logprob()
         note = "plain, pure-torch _ChunkedLogProbFunction (TRL's needs Triton)"
     path = resolve_model(args.model)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = (
+        torch.bfloat16
+        if (args.plain_dtype or ("bf16" if torch.cuda.is_available() else "fp32")) == "bf16"
+        else torch.float32
+    )
+    four_bit = torch.cuda.is_available() if args.four_bit is None else args.four_bit
     quant = (
         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-        if args.four_bit
+        if four_bit
         else None
     )
+    note += f", {'4-bit, ' if four_bit else ''}{dtype}".replace("torch.", "")
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, quantization_config=quant, device_map="auto" if torch.cuda.is_available() else None
     )
@@ -206,8 +224,9 @@ def compare(args) -> None:
             ("training_tokens_per_s", "training tokens/s"), ("peak_memory_gib", "peak memory (GiB)")]  # fmt: skip
     med = {e: {k: statistics.median(r[k] for r in rs) for k, _ in keys} for e, rs in results.items()}
     print(f"\nmodel {args.model}, {args.prompts} prompt(s) x {args.generations} completions x {args.completion_length} tokens, "
-          f"LoRA r{args.lora_rank}, 4-bit {args.four_bit}, {args.steps - 1} counted steps x {args.rounds} rounds")  # fmt: skip
-    print(f"memory: {results['grpo'][0]['memory_kind']}; plain: {results['plain'][0]['note']}")
+          f"LoRA r{args.lora_rank}, {args.steps - 1} counted steps x {args.rounds} rounds")  # fmt: skip
+    print(f"grpo: {results['grpo'][0]['note']}; plain: {results['plain'][0]['note']}")
+    print(f"memory: {results['grpo'][0]['memory_kind']}")
     print(f"{'':28}{'grpo':>12}{'plain':>12}{'grpo/plain':>12}")
     for key, label in keys:
         g, p = med["grpo"][key], med["plain"][key]
