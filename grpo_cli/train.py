@@ -77,9 +77,34 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
     return GRPOConfig(**args)
 
 
+def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool):
+    """The G completions of a prompt share it: run each distinct prompt once, then every completion on its cached
+    keys and values (gradients flow back through the cache). The same log-probs and entropies as one forward over
+    prompt + completion, with the prompt's tokens computed once instead of G times. None when nothing is shared."""
+    import torch
+
+    start = input_ids.size(1) - logits_to_keep - 1  # the last prompt token predicts the first completion token
+    if start < 1:
+        return None
+    keys = torch.cat([input_ids[:, :start], attention_mask[:, :start]], 1)
+    prompts, rows = torch.unique(keys, dim=0, return_inverse=True)
+    if len(prompts) == len(input_ids):
+        return None
+    cache = model(
+        input_ids=prompts[:, :start], attention_mask=prompts[:, start:], use_cache=True, logits_to_keep=1
+    ).past_key_values
+    cache.batch_select_indices(rows)
+    suffix = input_ids[:, start:]
+    labels = suffix.masked_fill(attention_mask[:, start:] == 0, -100)
+    out = model(
+        input_ids=suffix, attention_mask=attention_mask, past_key_values=cache, labels=labels, fused_lm_head=True
+    )
+    return out.log_probs, out.entropy if compute_entropy else None
+
+
 def trainer_class():
     """TRL's GRPOTrainer; its transformers generation runs with the LoRA folded into the weights and faster
-    sampling on CPU."""
+    sampling on CPU, and its log-prob forward computes each prompt once for its group."""
     from trl import GRPOTrainer
 
     from grpo_cli.generate import fast_sampling, merged_lora
@@ -90,6 +115,27 @@ def trainer_class():
                 return super()._generate_single_turn(*args, **kwargs)
             with merged_lora(self.model), fast_sampling():
                 return super()._generate_single_turn(*args, **kwargs)
+
+        def _get_per_token_logps_and_entropies(
+            self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+            compute_aux_loss=False, **multimodal,
+        ):  # fmt: skip
+            plain = (
+                self.args.gradient_checkpointing  # no cache under gradient checkpointing
+                or compute_aux_loss
+                or any(v is not None for v in multimodal.values())
+                or (batch_size or len(input_ids)) < len(input_ids)
+            )
+            with self.accelerator.autocast():
+                shared = None if plain else shared_prompt_logps(
+                    model, input_ids, attention_mask, logits_to_keep, compute_entropy
+                )  # fmt: skip
+            if shared is None:
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                    **multimodal,
+                )  # fmt: skip
+            return *shared, None
 
     return Trainer
 
