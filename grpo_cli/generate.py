@@ -29,8 +29,8 @@ def chat_texts(tokenizer, questions: list[str], system_prompt: str) -> list[str]
 
 @contextmanager
 def merged_lora(model):
-    """Fold each 16-bit LoRA layer into its base weight while generating: the same function with a third of
-    the ops a token. The base weights are put back as they were (no merge/unmerge rounding drift)."""
+    """Fold each 16-bit LoRA layer into its base weight while generating: the same function with one matmul a
+    projection instead of three. The base weights are put back as they were (no merge/unmerge rounding drift)."""
     import torch
     from peft.tuners.lora import Linear
 
