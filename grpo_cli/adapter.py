@@ -146,20 +146,39 @@ def save_lora(source: Path, out_dir: Path, merged: bool = False, gguf: str | Non
 
         return publish(out_dir, write, force)
 
-    # merged 16-bit weights (or GGUF from them): load the base unquantized, merge the adapter in
-    from peft import PeftModel
-
+    # Merged 16-bit weights, or GGUF from them: the base unquantized, with no vLLM engine beside it; unsloth is
+    # imported first (load_model, or from_pretrained here), then PEFT
     from grpo_cli.config import ModelSettings
     from grpo_cli.models import load_model
 
-    model, tokenizer = load_model(ModelSettings(model=manifest["base_model"]), load_in_4bit=False)
+    settings = ModelSettings(model=manifest["base_model"], fast_inference=False)
     if gguf:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        from unsloth import FastLanguageModel
+
+        # Unsloth's GGUF export merges the adapter itself: it needs the PEFT model that from_pretrained returns for an
+        # adapter directory (save_pretrained_gguf looked up through a PeftModel of ours lands on the bare base)
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(adapter), max_seq_length=settings.max_seq_length, load_in_4bit=False, fast_inference=False
+        )
 
         def write(tmp: Path) -> None:
-            model.save_pretrained_gguf(str(tmp), tokenizer, quantization_method=gguf)
+            # Unsloth writes the merged model to the directory given and the GGUF files to a sibling `<dir>_gguf`:
+            # both inside tmp; only the .gguf files are kept
+            merged = tmp / "merged"
+            model.save_pretrained_gguf(str(merged), tokenizer, quantization_method=gguf)
+            written = sorted(tmp.glob("merged_gguf/*.gguf"))
+            if not written:
+                raise GrpoError(f"Unsloth's GGUF export wrote no .gguf file for {gguf}: see its output above")
+            for path in written:
+                path.rename(tmp / path.name)
+            for path in tmp.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
             write_json(tmp / MANIFEST, manifest | {"format": f"gguf {gguf}"})
     else:
+        model, tokenizer = load_model(settings, load_in_4bit=False)
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
 
         def write(tmp: Path) -> None:

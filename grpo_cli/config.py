@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,22 +102,37 @@ def grpo_config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
-def apply(settings: Settings, values: dict, source: str) -> None:
-    """Set each key on the section that owns it; other GRPOConfig fields go to ``train.extra``."""
-    extra_ok = None
+def apply(settings: Settings, values: dict, source: str, others: dict) -> None:
+    """Set each key on the section that owns it; any other key goes to ``train.extra`` and, with its source, to
+    ``others``, to be checked against GRPOConfig once every layer is in (see ``check_others``)."""
     for key, value in values.items():
         section = next((s for s in (settings.model, settings.data, settings.train) if key in _names(type(s))), None)
         if section is not None:
             setattr(section, key, value)
-            continue
-        extra_ok = extra_ok if extra_ok is not None else grpo_config_fields()
-        if key in extra_ok:
+        else:
             settings.train.extra[key] = value
+            others[key] = source
+
+
+def check_others(others: dict) -> None:
+    """Keys that are no setting of ours must be GRPOConfig fields. Reading those imports unsloth, so this runs
+    after ``unsloth_environment``: unsloth reads some settings from the environment once, on import."""
+    if not others:
+        return
+    fields = grpo_config_fields()
+    for key, source in others.items():
+        if key in fields:
             continue
-        known = sorted(set(_names(ModelSettings) + _names(DataSettings) + _names(TrainSettings)) | extra_ok)
+        known = sorted(set(_names(ModelSettings) + _names(DataSettings) + _names(TrainSettings)) | fields)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else "see `grpo train --help` for the settings"
         raise GrpoError(f"unknown setting {key!r} in {source}: {hint}")
+
+
+def unsloth_environment(model: ModelSettings) -> None:
+    """Settings unsloth reads from the environment when it is first imported: set before that import."""
+    if model.vllm_standby:
+        os.environ["UNSLOTH_VLLM_STANDBY"] = "1"
 
 
 def read_recipe(path: str) -> dict:
@@ -136,13 +152,15 @@ def read_recipe(path: str) -> dict:
 
 def load_settings(config: str | None = None, flags: dict | None = None, saved: dict | None = None) -> Settings:
     """Defaults (or a saved run's settings), then the YAML recipe, then the flags given (None: not given)."""
-    settings = Settings()
+    settings, others = Settings(), {}
     for section in ("model", "data", "train") if saved else ():
-        apply(settings, {k: v for k, v in saved[section].items() if k != "extra"}, "the saved run")
+        apply(settings, {k: v for k, v in saved[section].items() if k != "extra"}, "the saved run", others)
         settings.train.extra.update(saved[section].get("extra", {}))
     if config:
-        apply(settings, read_recipe(config), config)
-    apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "the command line")
+        apply(settings, read_recipe(config), config, others)
+    apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "the command line", others)
+    unsloth_environment(settings.model)
+    check_others(others)
     prompt = settings.data.system_prompt
     if prompt.startswith("@"):
         path = Path(prompt[1:])

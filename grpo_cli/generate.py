@@ -102,21 +102,6 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
     return outputs
 
 
-def generate_vllm(model, texts: list[str], sampling: Sampling, lora_dir: Path | None) -> list[str]:
-    """Unsloth's vLLM engine; the adapter rides along as a LoRA request, the base gets none."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(
-        temperature=0.0 if sampling.greedy else sampling.temperature,
-        top_p=1.0 if sampling.greedy else sampling.top_p,
-        max_tokens=sampling.max_tokens,
-        seed=sampling.seed,
-    )
-    lora_request = model.load_lora(str(lora_dir)) if lora_dir else None
-    outputs = model.fast_generate(texts, sampling_params=params, lora_request=lora_request)
-    return [o.outputs[0].text for o in outputs]
-
-
 def adapter_changes_nothing(model, tokenizer, text: str) -> bool:
     """True when the next-token distribution after ``text`` is the same with and without the adapter."""
     import torch
@@ -127,6 +112,65 @@ def adapter_changes_nothing(model, tokenizer, text: str) -> bool:
         with model.disable_adapter():
             base = model(**batch).logits[0, -1].float().log_softmax(-1)
     return bool(torch.allclose(tuned, base, atol=1e-6))
+
+
+class TransformersEngine:
+    """transformers' generate on the loaded model; the adapter is a PEFT adapter, switched off for the base."""
+
+    def __init__(self, model, tokenizer, lora_dir: Path | None):
+        if lora_dir:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(lora_dir))
+        self.model, self.tokenizer, self.lora_dir = model.eval(), tokenizer, lora_dir
+
+    def generate(self, texts: list[str], sampling: Sampling, adapter: bool) -> list[str]:
+        if adapter or not self.lora_dir:
+            return generate_hf(self.model, self.tokenizer, texts, sampling)
+        with self.model.disable_adapter():
+            return generate_hf(self.model, self.tokenizer, texts, sampling)
+
+    def inert(self, text: str) -> bool:
+        return bool(self.lora_dir) and adapter_changes_nothing(self.model, self.tokenizer, text)
+
+
+class VLLMEngine:
+    """Unsloth's vLLM engine (``fast_generate`` on a model loaded with ``fast_inference=True``). The adapter rides
+    along as a vLLM LoRA request, the base gets none. Prompts go in as token ids: chat-templated text already holds
+    the template's BOS, and vLLM tokenizes text with special tokens, which would add a second one."""
+
+    def __init__(self, model, tokenizer, lora_dir: Path | None):
+        self.model, self.tokenizer, self.lora_dir = model, tokenizer, lora_dir
+        self.lora_request = None
+        if lora_dir:
+            # Unsloth attaches load_lora to PEFT models only; this base model has just the engine
+            from unsloth_zoo.vllm_utils import load_lora
+
+            self.lora_request = load_lora(model, str(lora_dir))
+
+    def generate(self, texts: list[str], sampling: Sampling, adapter: bool) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+        )
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        outputs = self.model.fast_generate(
+            [{"prompt_token_ids": i} for i in ids],
+            sampling_params=params,
+            lora_request=self.lora_request if adapter else None,
+            use_tqdm=False,
+        )
+        return [o.outputs[0].text for o in outputs]
+
+    def inert(self, text: str) -> bool:
+        return False  # vLLM gives no cheap look at the next-token distribution with and without the adapter
+
+
+ENGINES = {"transformers": TransformersEngine, "vllm": VLLMEngine}
 
 
 class Pair:
@@ -148,40 +192,28 @@ class Pair:
             load_in_4bit=trained.get("load_in_4bit"),  # the base as the adapter was trained on it
             max_lora_rank=trained.get("max_lora_rank"),
         )
-        self.vllm = models.use_vllm(settings)
-        self.model, self.tokenizer = models.load_model(settings)
+        model, self.tokenizer = models.load_model(settings)
         expected = self.manifest.get("base_fingerprint")
-        if expected and expected != fingerprint(self.model.config):
+        if expected and expected != fingerprint(model.config):
             raise GrpoError(
                 f"adapter {self.lora_dir} was trained on {self.manifest.get('base_model')} "
-                f"(config {expected}), not on {model_name} (config {fingerprint(self.model.config)}): "
+                f"(config {expected}), not on {model_name} (config {fingerprint(model.config)}): "
                 f"give --model {self.manifest.get('base_model')}"
             )
-        if self.lora_dir and not self.vllm:
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(self.model, str(self.lora_dir))
-        self.model.eval()
+        self.engine = ENGINES[models.engine(settings)](model, self.tokenizer, self.lora_dir)
 
     def texts(self, questions: list[str], system_prompt: str | None) -> list[str]:
         prompt = self.manifest.get("system_prompt", "") if system_prompt is None else system_prompt
         return chat_texts(self.tokenizer, questions, prompt)
 
     def base(self, texts: list[str], sampling: Sampling) -> list[str]:
-        if self.vllm:
-            return generate_vllm(self.model, texts, sampling, None)
-        if not self.lora_dir:
-            return generate_hf(self.model, self.tokenizer, texts, sampling)
-        with self.model.disable_adapter():
-            return generate_hf(self.model, self.tokenizer, texts, sampling)
+        return self.engine.generate(texts, sampling, adapter=False)
 
     def tuned(self, texts: list[str], sampling: Sampling) -> list[str]:
-        if self.vllm:
-            return generate_vllm(self.model, texts, sampling, self.lora_dir)
-        return generate_hf(self.model, self.tokenizer, texts, sampling)
+        return self.engine.generate(texts, sampling, adapter=True)
 
     def warn_if_inert(self, text: str) -> str | None:
-        if self.lora_dir and not self.vllm and adapter_changes_nothing(self.model, self.tokenizer, text):
+        if self.engine.inert(text):
             return (
                 f"warning: adapter {self.lora_dir} changes nothing: the next-token distribution is identical without it"
             )

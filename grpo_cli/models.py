@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from grpo_cli.config import ModelSettings
+from grpo_cli.config import ModelSettings, unsloth_environment
 from grpo_cli.errors import GrpoError
 
 EMBEDDED = "smollm2-135m"
@@ -112,20 +112,21 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def use_vllm(settings: ModelSettings) -> bool:
-    return settings.fast_inference and cuda_available() and importlib.util.find_spec("vllm") is not None
+def engine(settings: ModelSettings) -> str:
+    """The generation engine, chosen here once for train, infer, eval and the reward check: Unsloth's vLLM where
+    CUDA and vLLM are present and fast_inference is on, else transformers."""
+    vllm = settings.fast_inference and cuda_available() and importlib.util.find_spec("vllm") is not None
+    return "vllm" if vllm else "transformers"
 
 
 def generation_backend(settings: ModelSettings) -> str:
-    if not cuda_available():
-        return "Unsloth CPU + transformers generate"
-    return "Unsloth GPU + vLLM" if use_vllm(settings) else "Unsloth GPU + transformers generate"
+    device = "GPU" if cuda_available() else "CPU"
+    return f"Unsloth {device} + " + ("vLLM" if engine(settings) == "vllm" else "transformers generate")
 
 
 def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     """Load through Unsloth (imported before trl/transformers touch the model). Returns model, tokenizer."""
-    if settings.vllm_standby:  # read by unsloth when it is imported
-        os.environ["UNSLOTH_VLLM_STANDBY"] = "1"
+    unsloth_environment(settings)
     import torch
     from unsloth import FastLanguageModel  # before anything imports transformers
 
@@ -142,7 +143,7 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
         max_lora_rank=settings.max_lora_rank or settings.lora_rank,
     )
     if cuda_available():
-        kwargs.update(fast_inference=use_vllm(settings), gpu_memory_utilization=settings.gpu_memory_utilization)
+        kwargs.update(fast_inference=engine(settings) == "vllm", gpu_memory_utilization=settings.gpu_memory_utilization)
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
     except OSError as exc:
@@ -196,13 +197,17 @@ def add_lora(model, settings: ModelSettings):
     )
 
 
-def patch_fast_rl() -> bool:
-    """Unsloth's GRPO patches, where its backend exports them (the GPU one does, the CPU one not)."""
+def patch_fast_rl() -> None:
+    """Unsloth's GRPO patches. Importing unsloth's GPU backend already swaps TRL's GRPOTrainer for its own
+    (``UnslothGRPOTrainer``), so PatchFastRL is called only where that has not happened and it is exported;
+    the CPU backend exports none, and TRL's trainer is used as it is."""
     import unsloth
     from unsloth import FastLanguageModel
 
+    trl = importlib.import_module("trl")  # after unsloth, which patches it on import
+    if trl.GRPOTrainer.__name__.startswith("Unsloth"):
+        return
     if hasattr(unsloth, "PatchFastRL"):
         unsloth.PatchFastRL("GRPO", FastLanguageModel)
-        return True
+        return
     print("Unsloth's CPU backend has no PatchFastRL: training with stock TRL GRPOTrainer")
-    return False

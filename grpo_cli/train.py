@@ -102,17 +102,19 @@ def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, c
     return out.log_probs, out.entropy if compute_entropy else None
 
 
-def trainer_class():
-    """TRL's GRPOTrainer; its transformers generation runs with the LoRA folded into the weights and faster
-    sampling on CPU, and its log-prob forward computes each prompt once for its group."""
+def trainer_class(cpu: bool):
+    """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), used as it is on a GPU. On CPU its
+    transformers generation runs with the LoRA folded into the weights and faster sampling, and its log-prob
+    forward computes each prompt once for its group."""
     from trl import GRPOTrainer
 
     from grpo_cli.generate import fast_sampling, merged_lora
 
-    class Trainer(GRPOTrainer):
+    if not cpu:
+        return GRPOTrainer
+
+    class CPUTrainer(GRPOTrainer):
         def _generate_single_turn(self, *args, **kwargs):
-            if self.use_vllm:
-                return super()._generate_single_turn(*args, **kwargs)
             with merged_lora(self.model), fast_sampling():
                 return super()._generate_single_turn(*args, **kwargs)
 
@@ -137,7 +139,7 @@ def trainer_class():
                 )  # fmt: skip
             return *shared, None
 
-    return Trainer
+    return CPUTrainer
 
 
 def step_log(output_dir: Path, sample_every: int = 10):
@@ -246,7 +248,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     load_examples(settings.data)
 
     # Load model: unsloth first, as it patches trl and transformers on import
-    vllm = models.use_vllm(settings.model)
+    vllm = models.engine(settings.model) == "vllm"
     print(f"Backend: {models.generation_backend(settings.model)}")
     if not vllm and models.cuda_available():
         print("vLLM is not installed: generating with transformers (pip install 'grpo-cli[gpu]' for vLLM)")
@@ -268,7 +270,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
-    trainer = trainer_class()(
+    trainer = trainer_class(cpu=not models.cuda_available())(
         model=model,
         processing_class=tokenizer,
         reward_funcs=reward_funcs,

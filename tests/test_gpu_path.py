@@ -1,0 +1,503 @@
+"""The GPU path (Unsloth 4-bit + vLLM) on CPU: the calls grpo makes, against fakes held to the real API.
+
+Every fake of Unsloth here is checked against Unsloth's installed source (tests/real_api.py): the parameters of
+what it stands in for, and on which object Unsloth attaches each attribute. The vLLM fakes are checked against the
+real vLLM in tests/test_vllm.py (`make test-vllm`). The end-to-end GPU tests at the bottom run on a CUDA machine.
+"""
+
+import builtins
+import importlib.metadata
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import unsloth  # noqa: F401  (the real CPU backend: unsloth_zoo needs it imported first)
+import unsloth_zoo.vllm_utils
+from typer.testing import CliRunner
+
+from grpo_cli import models
+from grpo_cli.config import ModelSettings
+from grpo_cli.generate import Pair, Sampling
+from tests.real_api import attributes_set, compiled, parameters, source
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_NAMES = {"vllm_engine", "fast_generate", "fast_generate_batches", "load_lora", "save_lora"}
+CUDA = torch.cuda.is_available()
+VLLM = importlib.util.find_spec("vllm") is not None
+
+
+# Fakes of Unsloth and vLLM, each checked below against the real one
+
+
+class FakeEngine:
+    """vLLM's LLM as Unsloth keeps it on the model; ``generate`` has LLM.generate's parameters (test_vllm.py)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None,
+                 tokenization_kwargs=None, mm_processor_kwargs=None):  # fmt: skip
+        self.calls.append({"prompts": prompts, "params": sampling_params, "lora_request": lora_request})
+        tag = "tuned" if lora_request else "base"
+        return [
+            types.SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[types.SimpleNamespace(text=tag)])
+            for p in prompts
+        ]
+
+
+class FakeVllmBase:
+    """What ``FastLanguageModel.from_pretrained(fast_inference=True)`` returns: Unsloth's engine attributes on a
+    plain model, and only those it attaches there (checked against its source below)."""
+
+    def __init__(self):
+        self.vllm_engine = FakeEngine()
+        self.fast_generate = self.vllm_engine.generate
+        self.fast_generate_batches = None
+        self.config = types.SimpleNamespace(_attn_implementation="sdpa", to_dict=lambda: {"hidden_size": 8})
+        self.dtype = torch.bfloat16
+
+    def get_output_embeddings(self):
+        return torch.nn.Linear(2, 2)
+
+
+class Llama3Tokenizer:
+    """Like Llama 3's: the chat template writes <|begin_of_text|> (id 1) itself, and so does tokenizing with
+    special tokens."""
+
+    bos = 1
+    pad_token = eos_token = "<|eot_id|>"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        return "<|begin_of_text|>" + "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+    def __call__(self, texts, add_special_tokens=True):
+        ids = [[self.bos] + [ord(c) for c in t.removeprefix("<|begin_of_text|>")] for t in texts]
+        return {"input_ids": [[self.bos] + i if add_special_tokens else i for i in ids]}
+
+
+def fake_load_lora(model, save_directory, load_tensors=False, lora_request_id=None):
+    return ("lora-request", save_directory)
+
+
+@pytest.fixture
+def fake_unsloth(monkeypatch, tmp_path):
+    """A fake unsloth whose from_pretrained and get_peft_model take only the real ones' parameters and record the
+    arguments; on "CUDA" with fast_inference it returns a FakeVllmBase."""
+    real_load = set(parameters("unsloth.models.loader", "FastLanguageModel.from_pretrained"))
+    real_peft = set(parameters("unsloth.models.llama", "FastLlamaModel.get_peft_model"))
+    seen = {"loads": []}
+
+    def from_pretrained(**kwargs):
+        assert set(kwargs) <= real_load, f"not a parameter of Unsloth's from_pretrained: {set(kwargs) - real_load}"
+        seen.update(kwargs)
+        seen["loads"].append(kwargs)
+        if kwargs.get("fast_inference"):
+            return FakeVllmBase(), Llama3Tokenizer()
+        model = types.SimpleNamespace(
+            config=types.SimpleNamespace(_attn_implementation="sdpa", to_dict=lambda: {"hidden_size": 8}),
+            dtype=torch.float32,
+            get_output_embeddings=lambda: torch.nn.Linear(2, 2),
+        )
+        return model, types.SimpleNamespace(pad_token=None, eos_token="</s>")
+
+    def get_peft_model(model, **kwargs):
+        assert set(kwargs) <= real_peft, f"not a parameter of Unsloth's get_peft_model: {set(kwargs) - real_peft}"
+        seen["peft"] = kwargs
+        return model
+
+    fast = types.SimpleNamespace(from_pretrained=from_pretrained, get_peft_model=get_peft_model)
+    module = types.SimpleNamespace(FastLanguageModel=fast)
+    monkeypatch.setitem(sys.modules, "unsloth", module)
+    (tmp_path / "config.json").write_text("{}")
+    return seen, str(tmp_path), module
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """vllm's SamplingParams as a record of its keyword arguments (their names are checked in test_vllm.py)."""
+    module = types.ModuleType("vllm")
+    module.SamplingParams = lambda **kw: kw
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(unsloth_zoo.vllm_utils, "load_lora", fake_load_lora)
+    return module
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """grpo believes it runs on CUDA with vLLM installed."""
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a)
+    )
+
+
+def adapter_dir(root: Path, rank: int = 8) -> Path:
+    """An adapter directory as `grpo save-lora` writes it (the weights' content does not matter here)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": "base"}))
+    (root / "adapter_model.safetensors").write_bytes(b"")
+    settings = {"model": {"lora_rank": rank, "load_in_4bit": None, "max_lora_rank": None}}
+    (root / "grpo.json").write_text(json.dumps({"base_model": str(root.parent / "base"), "settings": settings}))
+    (root.parent / "base").mkdir(exist_ok=True)
+    (root.parent / "base" / "config.json").write_text("{}")
+    return root
+
+
+# The fakes against Unsloth's source
+
+
+def test_fakes_attach_what_unsloth_attaches_and_where():
+    on_base = attributes_set("unsloth.models.llama", "FastLlamaModel.from_pretrained")
+    on_peft = attributes_set("unsloth.models._utils", "patch_peft_fast_inference")
+    assert "model.vllm_engine.generate" in on_base["fast_generate"]  # fast_generate is vLLM's LLM.generate
+    assert {name for name in ENGINE_NAMES if hasattr(FakeVllmBase(), name)} == ENGINE_NAMES & on_base.keys()
+    assert "load_lora" not in on_base and "load_lora" in on_peft  # a base model has no load_lora: PEFT models do
+
+
+def test_fake_load_lora_is_unsloth_zoos():
+    assert inspect.signature(fake_load_lora) == inspect.signature(unsloth_zoo.vllm_utils.load_lora)
+    assert "LoRARequest(str(lora_request_id), lora_request_id, save_directory)" in source(
+        "unsloth_zoo.vllm_utils", "_build_lora_request"
+    )  # a directory becomes a plain vLLM LoRA request for that path
+
+
+# 1. infer / eval --lora on the vLLM path; 6. one BOS
+
+
+def test_vllm_pair_sends_the_adapter_as_a_lora_request(fake_unsloth, fake_vllm, on_gpu, tmp_path):
+    seen, _, _ = fake_unsloth
+    lora = adapter_dir(tmp_path / "run" / "adapter")
+    pair = Pair(None, lora)
+    assert seen["fast_inference"] is True and seen["max_lora_rank"] == 8
+    texts = pair.texts(["2+2?"], "Be brief.")
+    sampling = Sampling(temperature=0.8, top_p=0.95, max_tokens=64, seed=7)
+    assert pair.base(texts, sampling) == ["base"] and pair.tuned(texts, sampling) == ["tuned"]
+    base, tuned = pair.engine.model.vllm_engine.calls
+    assert base["lora_request"] is None and tuned["lora_request"] == ("lora-request", str(lora))
+    assert tuned["params"] == {"temperature": 0.8, "top_p": 0.95, "max_tokens": 64, "seed": 7}
+    assert pair.warn_if_inert(texts[0]) is None
+
+
+def test_vllm_prompts_are_token_ids_with_the_templates_one_bos(fake_unsloth, fake_vllm, on_gpu, tmp_path):
+    base_model = adapter_dir(tmp_path / "run" / "adapter").parent / "base"
+    pair = Pair(str(base_model), None)
+    texts = pair.texts(["2+2?"], "Be brief.")
+    pair.base(texts, Sampling(max_tokens=8))
+    # text would be tokenized again with special tokens, which puts a second BOS before the template's own
+    (prompt,) = pair.engine.model.vllm_engine.calls[0]["prompts"]
+    assert set(prompt) == {"prompt_token_ids"}
+    assert prompt["prompt_token_ids"] == Llama3Tokenizer()(texts, add_special_tokens=False)["input_ids"][0]
+    assert prompt["prompt_token_ids"][:2].count(Llama3Tokenizer.bos) == 1
+
+
+def test_vllm_greedy_is_temperature_zero(fake_unsloth, fake_vllm, on_gpu, tmp_path):
+    pair = Pair(None, adapter_dir(tmp_path / "run" / "adapter"))
+    pair.base(pair.texts(["q"], ""), Sampling(greedy=True, max_tokens=16))
+    assert pair.engine.model.vllm_engine.calls[0]["params"]["temperature"] == 0.0
+
+
+# Loading: what Unsloth is asked for on GPU and on CPU
+
+
+@pytest.mark.parametrize("has_vllm, expected", [(True, True), (False, False)])
+def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, fake_unsloth, has_vllm, expected):
+    seen, path, _ = fake_unsloth
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    real_find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name: (has_vllm or None) if name == "vllm" else real_find_spec(name)
+    )
+    settings = ModelSettings(model=path, lora_rank=32, gpu_memory_utilization=0.5)  # 4-bit: auto
+    model, _ = models.load_model(settings)
+    models.add_lora(model, settings)
+    assert seen["fast_inference"] is expected and seen["gpu_memory_utilization"] == 0.5
+    assert seen["load_in_4bit"] is True and seen["max_lora_rank"] == 32
+    assert seen["peft"]["use_gradient_checkpointing"] == "unsloth" and seen["peft"]["r"] == 32
+    assert models.generation_backend(settings) == (
+        "Unsloth GPU + vLLM" if expected else "Unsloth GPU + transformers generate"
+    )
+
+
+def test_cpu_load_does_not_ask_for_vllm(monkeypatch, fake_unsloth):
+    seen, path, _ = fake_unsloth
+    monkeypatch.setattr(models, "cuda_available", lambda: False)
+    _, tokenizer = models.load_model(ModelSettings(model=path))
+    assert "fast_inference" not in seen and tokenizer.pad_token == "</s>"
+    assert seen["load_in_4bit"] is False  # 16-bit is faster on CPU; a recipe can force 4-bit
+    models.load_model(ModelSettings(model=path, load_in_4bit=True))
+    assert seen["load_in_4bit"] is True
+
+
+# 2. --standby reaches unsloth before its first import, through `grpo train`
+
+
+def test_standby_is_read_by_unsloth_at_import():
+    # unsloth_zoo decides the allocator (expandable segments unless standby) when it is imported
+    assert re.search(r"os\.environ\.get\(['\"]UNSLOTH_VLLM_STANDBY['\"]", (Path(
+        importlib.util.find_spec("unsloth_zoo").origin).read_text()))  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["top_p: 1.0\n", None])  # a GRPOConfig field in a recipe is checked by importing
+def test_standby_is_set_before_grpo_train_first_imports_unsloth(monkeypatch, tmp_path, recipe):
+    from grpo_cli.cli import app
+
+    monkeypatch.delenv("UNSLOTH_VLLM_STANDBY", raising=False)
+    seen = []
+    real_import = builtins.__import__
+
+    class FirstImport(Exception):
+        pass
+
+    def spy(name, *args, **kwargs):
+        if name == "unsloth" or name.startswith("unsloth."):
+            seen.append(os.environ.get("UNSLOTH_VLLM_STANDBY"))
+            raise FirstImport
+        return real_import(name, *args, **kwargs)
+
+    args = ["train", "--standby", "--output-dir", str(tmp_path / "run"), "--max-steps", "1"]
+    if recipe:
+        (tmp_path / "r.yaml").write_text(recipe)
+        args += ["--config", str(tmp_path / "r.yaml")]
+    monkeypatch.setattr(builtins, "__import__", spy)
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, FirstImport) and seen == ["1"]
+
+
+# 3. save-lora --gguf: the adapter merged in, the file inside OUT_DIR; 4. no vLLM engine for merging
+
+
+def unsloth_gguf_export(save_directory, tokenizer=None, quantization_method="fast_quantized"):
+    """Unsloth's save_pretrained_gguf as it writes: the merged model into save_directory, the GGUF file into the
+    directory its own `_gguf_output_directory` names (a sibling)."""
+    merged, gguf_dir = Path(save_directory), Path(compiled("unsloth.save", "_gguf_output_directory")(save_directory))
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text("{}")
+    gguf_dir.mkdir(parents=True)
+    (gguf_dir / f"model.{quantization_method.upper()}.gguf").write_bytes(b"GGUF")
+
+
+def test_gguf_export_fake_is_unsloths():
+    real = parameters("unsloth.save", "unsloth_save_pretrained_gguf")
+    assert real[0] == "self" and real[1:4] == list(inspect.signature(unsloth_gguf_export).parameters)
+
+
+def test_save_lora_gguf_loads_the_adapter_as_unsloth_does_and_writes_inside_out_dir(
+    monkeypatch, fake_unsloth, tmp_path
+):
+    from grpo_cli.adapter import save_lora
+
+    seen, _, module = fake_unsloth
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    exported = []
+
+    def from_adapter(**kwargs):
+        seen["loads"].append(kwargs)
+        peft_model = types.SimpleNamespace(
+            save_pretrained_gguf=lambda *a, **kw: (exported.append((a, kw)), unsloth_gguf_export(*a, **kw))
+        )
+        return peft_model, object()
+
+    monkeypatch.setattr(module.FastLanguageModel, "from_pretrained", from_adapter)
+    lora = adapter_dir(tmp_path / "run" / "adapter")
+    out = tmp_path / "exports" / "gguf"
+    save_lora(lora.parent, out, gguf="q4_k_m")
+    (load,) = seen["loads"]
+    assert load["model_name"] == str(lora) and load["fast_inference"] is False and load["load_in_4bit"] is False
+    assert set(load) <= set(parameters("unsloth.models.loader", "FastLanguageModel.from_pretrained"))
+    assert sorted(p.name for p in out.iterdir()) == ["grpo.json", "model.Q4_K_M.gguf"]
+    assert [p.name for p in out.parent.iterdir()] == ["gguf"]  # nothing left beside OUT_DIR
+    assert json.loads((out / "grpo.json").read_text())["format"] == "gguf q4_k_m"
+
+
+def test_save_lora_merged_starts_no_vllm_engine(monkeypatch, tmp_path):
+    from grpo_cli.adapter import save_lora
+
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(settings, load_in_4bit=None):
+        asked.append((settings, load_in_4bit))
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    with pytest.raises(Loaded):
+        save_lora(adapter_dir(tmp_path / "run" / "adapter").parent, tmp_path / "merged", merged=True)
+    ((settings, four_bit),) = asked
+    assert settings.fast_inference is False and four_bit is False
+
+
+# 5. On a GPU, Unsloth's trainer is used untouched
+
+
+def test_gpu_trainer_is_unsloths_untouched_and_cpu_override_matches_trl():
+    import trl
+
+    from grpo_cli.train import trainer_class
+
+    assert trainer_class(cpu=False) is trl.GRPOTrainer
+    cpu = trainer_class(cpu=True)
+    assert inspect.signature(cpu._get_per_token_logps_and_entropies).parameters.keys() <= set(
+        inspect.signature(trl.GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    ) | {"multimodal"}
+    assert (
+        list(inspect.signature(cpu._get_per_token_logps_and_entropies).parameters)[:8]
+        == list(inspect.signature(trl.GRPOTrainer._get_per_token_logps_and_entropies).parameters)[:8]
+    )
+
+
+# 8. PatchFastRL only where importing unsloth has not patched TRL already
+
+
+def test_patch_fast_rl_is_unsloths_and_knows_when_trl_is_patched():
+    assert parameters("unsloth.models.rl", "PatchFastRL") == ["algorithm", "FastLanguageModel"]
+    patching = source("unsloth.models.rl", "_patch_trl_rl_trainers_impl")
+    assert "RLTrainer.__name__.startswith('Unsloth')" in patching  # Unsloth's own "already patched" test
+    assert re.search(r"trl\.\{RLTrainer_name\} = created_module\.Unsloth\{RLTrainer_name\}", patching)
+
+
+@pytest.mark.parametrize("trainer_name, called", [("UnslothGRPOTrainer", False), ("GRPOTrainer", True)])
+def test_patch_fast_rl_is_called_only_where_it_does_something(monkeypatch, fake_unsloth, trainer_name, called):
+    import trl
+
+    _, _, module = fake_unsloth
+    calls = []
+    module.PatchFastRL = lambda algorithm=None, FastLanguageModel=None: calls.append(algorithm)  # noqa: N803
+    monkeypatch.setattr(trl, "GRPOTrainer", type(trainer_name, (), {}))
+    models.patch_fast_rl()
+    assert calls == (["GRPO"] if called else [])
+
+
+# 7. The GPU install: pinned, inside TRL's vLLM window
+
+
+def gpu_pins() -> dict[str, str]:
+    import tomllib
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    return dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", spec).groups() for spec in extra)
+
+
+def test_gpu_extra_is_pinned_inside_trls_vllm_window():
+    from packaging.requirements import Requirement
+
+    pins = gpu_pins()  # every requirement is ==: a registry's newest release never sneaks in
+    window = next(
+        Requirement(r.split(";")[0]).specifier
+        for r in importlib.metadata.requires("trl")
+        if r.startswith("vllm") and 'extra == "vllm"' in r
+    )
+    assert pins["vllm"] in window, f"vllm {pins['vllm']} is outside TRL's supported {window}"
+    assert pins["trl"] == importlib.metadata.version("trl") and pins["torch"] == "2.13.0"
+
+
+def test_makefile_installs_the_pinned_unsloth_on_both_paths():
+    makefile = (ROOT / "Makefile").read_text()
+    lines = makefile.splitlines()
+    (at,) = [i for i, line in enumerate(lines) if "--no-deps unsloth==" in line]
+    assert "unsloth==2026.10.9" in lines[at] and "unsloth_zoo==2026.10.9" in lines[at]
+    assert lines.index("endif") < at  # after the GPU/CPU branches: both take it
+
+
+# On a real GPU (skipped elsewhere): the whole path on the real stack
+
+
+def grpo(*args, env=None):
+    result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, (
+        f"grpo {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    )
+    return result
+
+
+def gpu_model() -> str:
+    """GRPO_GPU_MODEL (a model directory or .gguf, for machines without the embedded package), else the embedded."""
+    return os.environ.get("GRPO_GPU_MODEL", "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    (root / "recipe.yaml").write_text("warmup_ratio: 0.0\nmax_grad_norm: 1.0\n")
+    out = root / "out"
+    result = grpo(
+        "train", "--model", gpu_model(), "--config", str(root / "recipe.yaml"), "--max-steps", "2",
+        "--num-generations", "4", "--batch-size", "4", "--max-completion-length", "32", "--lora-rank", "8",
+        "--learning-rate", "2e-2", "--save-steps", "2", "--limit", "8", "--reward", "answer_tag",
+        "--reward", "tests/length_reward.py:longer:0.5", "--output-dir", str(out),
+    )  # fmt: skip
+    return out, result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_train_4bit_lora_two_steps_checkpoint_save_infer_eval_merge(gpu_run, tmp_path):
+    out, stdout = gpu_run
+    assert "Backend: Unsloth GPU" in stdout and "step 2/2 | reward" in stdout
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    args = torch.load(out / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert state["global_step"] == 2 and args.optim == "paged_adamw_8bit"
+    manifest = json.loads((out / "grpo.json").read_text())
+    assert manifest["settings"]["train"]["optim"] == "paged_adamw_8bit"
+    grpo("save-lora", str(out), str(tmp_path / "lora"))
+    rows = json.loads(grpo("infer", "--lora", str(tmp_path / "lora"), "--prompt", "What is 7 + 5?", "--max-tokens",
+                           "32", "--seed", "1", "--json").stdout)  # fmt: skip
+    assert rows[0]["base"] != rows[0]["adapter"]
+    grpo("eval", "--lora", str(tmp_path / "lora"), "--limit", "8", "--output-dir", str(tmp_path / "eval"))
+    summary = json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]
+    assert set(summary) == {"base", "adapter"}
+    grpo("save-lora", str(out), str(tmp_path / "merged"), "--merged")
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_model_loads_4bit_with_lora():
+    settings = ModelSettings(model=gpu_model(), lora_rank=8, fast_inference=False)
+    model, _ = models.load_model(settings)
+    assert getattr(model, "is_loaded_in_4bit", False)
+    model = models.add_lora(model, settings)
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_standby_turns_expandable_segments_off():
+    code = (
+        "import os, sys; from grpo_cli.config import load_settings; "
+        "load_settings(None, {'vllm_standby': True}); import unsloth; "
+        "print('ALLOC', os.environ.get('PYTORCH_ALLOC_CONF', ''))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "UNSLOTH_VLLM_STANDBY")}
+    with_standby = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    without = subprocess.run(
+        [sys.executable, "-c", code.replace("True", "False")], capture_output=True, text=True, env=env, check=True
+    )
+    assert "expandable_segments:True" not in with_standby.stdout.split("ALLOC", 1)[1]
+    assert "expandable_segments:True" in without.stdout.split("ALLOC", 1)[1]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not (CUDA and VLLM), reason="needs CUDA and vLLM")
+def test_vllm_fast_generate_with_and_without_the_adapter_one_bos(gpu_run, tmp_path):
+    out, stdout = gpu_run
+    assert "Backend: Unsloth GPU + vLLM" in stdout
+    pair = Pair(None, out / "adapter")
+    assert pair.engine.__class__.__name__ == "VLLMEngine"
+    texts = pair.texts(["What is 7 + 5?"], None)
+    greedy = Sampling(greedy=True, max_tokens=32)
+    base, tuned = pair.base(texts, greedy), pair.tuned(texts, greedy)
+    assert base != tuned
+    ids = pair.tokenizer(texts, add_special_tokens=False)["input_ids"][0]
+    outputs = pair.engine.model.fast_generate([{"prompt_token_ids": ids}], use_tqdm=False)
+    bos = pair.tokenizer.bos_token_id
+    assert outputs[0].prompt_token_ids == ids and (bos is None or outputs[0].prompt_token_ids[:2].count(bos) <= 1)
