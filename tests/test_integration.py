@@ -191,7 +191,28 @@ def test_save_lora_merged_and_gguf_on_cpu(run, tmp_path):
 
     from grpo_cli.models import resolve_model
 
-    grpo("save-lora", str(run[0]), str(tmp_path / "merged"), "--merged")
+    # unsloth patches PEFT and transformers when imported: it must come first (the spy prints the import order)
+    spy = (
+        "import sys\n"
+        "class Spy:\n"
+        "    seen = []\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in ('unsloth', 'peft') and name not in self.seen:\n"
+        "            self.seen.append(name); print('IMPORTED', name, file=sys.stderr)\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "from grpo_cli.cli import main\n"
+        "sys.argv = ['grpo'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", spy, "save-lora", str(run[0]), str(tmp_path / "merged"), "--merged"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[1] for line in result.stderr.splitlines() if line.startswith("IMPORTED")] == [
+        "unsloth",
+        "peft",
+    ]
     assert json.loads((tmp_path / "merged" / "grpo.json").read_text())["format"] == "merged 16-bit"
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     base = load_file(Path(resolve_model("smollm2-135m")) / "model.safetensors")
