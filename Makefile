@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PIP := $(BIN)/pip install --disable-pip-version-check -q
 
-.PHONY: install demo test test-fast test-vllm bench gpu-resolve lint format clean
+.PHONY: install demo test test-fast test-vllm bench bench-gpu gpu-resolve lint format clean
 
 install: $(STAMP)
 
@@ -53,6 +53,12 @@ test-vllm: $(VLLM_VENV)/.installed
 
 bench: install
 	$(BIN)/python bench/grpo_bench.py
+
+# On a CUDA machine: real architectures at their real sizes (random weights), 4-bit, G=8, 256 tokens
+bench-gpu: install
+	for arch in qwen2.5-1.5b llama3.2-3b llama3.1-8b; do \
+		$(BIN)/python bench/grpo_bench.py --arch $$arch --four-bit --generations 8 --completion-length 256 --rounds 1 || exit 1; \
+	done
 
 gpu-resolve: install  # the GPU install's resolution, shown without a GPU (pip's dry run, Linux x86_64)
 	$(BIN)/python tools/gpu_resolve.py

@@ -2,6 +2,8 @@
 
     python bench/grpo_bench.py                  # alternate both engines, print the table
     python bench/grpo_bench.py --engine plain   # one run, one JSON line (what the driver calls)
+    python bench/grpo_bench.py --arch llama3.1-8b --four-bit --generations 8 --completion-length 256 --rounds 1
+                                                # a real architecture at its real size, random weights (GPU)
 
 Each run is its own process: importing unsloth patches TRL, which would leak into a plain run.
 """
@@ -22,6 +24,10 @@ def arguments(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", choices=["grpo", "plain"], help="one run of one engine (default: the comparison)")
     p.add_argument("--model", default="smollm2-135m", help="a model name grpo resolves (default: the embedded one)")
+    p.add_argument(
+        "--arch", choices=sorted(ARCHS), help="a real architecture at its real size, random weights (built once)"
+    )
+    p.add_argument("--layers", type=int, help="with --arch: fewer layers (a quick check of the bench itself)")
     p.add_argument("--steps", type=int, default=6, help="steps per run; the first is warm-up and not counted")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both engines")
     p.add_argument("--generations", type=int, default=8)
@@ -42,6 +48,50 @@ def arguments(argv=None):
     )
     p.add_argument("--seed", type=int, default=3407)
     return p.parse_args(argv)
+
+
+# Published configurations; the weights are random, which is all a speed and memory figure needs
+LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}  # fmt: skip
+ARCHS = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6),
+    "llama3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                        max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5,
+                        rope_scaling=LLAMA3_ROPE | {"factor": 32.0}),
+    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                        max_position_embeddings=131072, rope_theta=5e5, rms_norm_eps=1e-5,
+                        rope_scaling=LLAMA3_ROPE | {"factor": 8.0}),
+}  # fmt: skip
+
+
+def build_arch(name: str, layers: int | None = None) -> str:
+    """A model directory for ``name``: its configuration, random bf16 weights, and the embedded model's tokenizer
+    grown to the architecture's vocabulary (sampled ids past the tokenizer's own must still decode). Built once."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_cli.models import cache_dir, resolve_model
+
+    out = cache_dir() / "bench" / (name + (f"-{layers}l" if layers else ""))
+    if (out / "config.json").is_file():
+        return str(out)
+    spec = ARCHS[name] | ({"num_hidden_layers": layers} if layers else {})
+    config = AutoConfig.for_model(**spec)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    tokenizer.add_tokens([f"<bench_{i}>" for i in range(config.vocab_size - len(tokenizer))])
+    model.generation_config.eos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
+    tmp = out.with_name(f".{out.name}-tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
 
 
 def torch_chunked_logprob():
@@ -74,7 +124,8 @@ def load(engine, args):
 
         model, tokenizer = models.load_model(settings)
         precision = "4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype).replace("torch.", "")
-        return models.add_lora(model, settings), tokenizer, f"Unsloth, {precision}"
+        engine = ", vLLM generation" if hasattr(model, "vllm_engine") else ""
+        return models.add_lora(model, settings), tokenizer, f"Unsloth, {precision}{engine}"
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -134,6 +185,17 @@ def one_run(args) -> dict:
         return out
 
     model.generate = timed_generate
+    llm = getattr(model, "vllm_engine", None)  # grpo on a GPU with vLLM: Unsloth's engine generates
+    if llm is not None:
+        generate_vllm = llm.generate
+
+        def timed_vllm(*a, **kw):
+            start = time.perf_counter()
+            out = generate_vllm(*a, **kw)
+            generation_seconds.append(time.perf_counter() - start)
+            return out
+
+        llm.generate = timed_vllm
     rows = [
         {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
         for r in arithmetic_problems("train", 200)
@@ -161,7 +223,8 @@ def one_run(args) -> dict:
 
         train = TrainSettings(**same, extra={"save_strategy": "no"})
         settings = Settings(data=DataSettings(rewards=["answer_tag"]), train=train)
-        config, GRPOTrainer = grpo_config(settings, cpu=cpu, vllm=False), trainer_class(cpu)  # noqa: N806
+        vllm = llm is not None
+        config, GRPOTrainer = grpo_config(settings, cpu=cpu, vllm=vllm), trainer_class(cpu)  # noqa: N806
     else:
         config = GRPOConfig(**same, save_strategy="no", disable_tqdm=True, use_cpu=cpu,
                             bf16=not cpu and torch.cuda.is_bf16_supported())  # fmt: skip
@@ -223,7 +286,7 @@ def compare(args) -> None:
     keys = [("step_time", "median step time (s)"), ("generation_tokens_per_s", "generation tokens/s"),
             ("training_tokens_per_s", "training tokens/s"), ("peak_memory_gib", "peak memory (GiB)")]  # fmt: skip
     med = {e: {k: statistics.median(r[k] for r in rs) for k, _ in keys} for e, rs in results.items()}
-    print(f"\nmodel {args.model}, {args.prompts} prompt(s) x {args.generations} completions x {args.completion_length} tokens, "
+    print(f"\nmodel {args.arch + ' (random weights)' if args.arch else args.model}, {args.prompts} prompt(s) x {args.generations} completions x {args.completion_length} tokens, "
           f"LoRA r{args.lora_rank}, {args.steps - 1} counted steps x {args.rounds} rounds")  # fmt: skip
     print(f"grpo: {results['grpo'][0]['note']}; plain: {results['plain'][0]['note']}")
     print(f"memory: {results['grpo'][0]['memory_kind']}")
@@ -245,6 +308,8 @@ def compare(args) -> None:
 
 if __name__ == "__main__":
     args = arguments()
+    if args.arch:
+        args.model = build_arch(args.arch, args.layers)
     if args.engine:
         print(json.dumps(one_run(args)), flush=True)
     else:
