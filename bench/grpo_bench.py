@@ -176,26 +176,21 @@ def one_run(args) -> dict:
     from rewards import REWARDS
 
     model, tokenizer, note = load(args.engine, args)
-    generate, generation_seconds = model.generate, []
+    generation_seconds = []
 
-    def timed_generate(*a, **kw):
-        start = time.perf_counter()
-        out = generate(*a, **kw)
-        generation_seconds.append(time.perf_counter() - start)
-        return out
-
-    model.generate = timed_generate
-    llm = getattr(model, "vllm_engine", None)  # grpo on a GPU with vLLM: Unsloth's engine generates
-    if llm is not None:
-        generate_vllm = llm.generate
-
-        def timed_vllm(*a, **kw):
+    def timed(generate):
+        def run(*a, **kw):
             start = time.perf_counter()
-            out = generate_vllm(*a, **kw)
+            out = generate(*a, **kw)
             generation_seconds.append(time.perf_counter() - start)
             return out
 
-        llm.generate = timed_vllm
+        return run
+
+    model.generate = timed(model.generate)
+    llm = getattr(model, "vllm_engine", None)  # grpo on a GPU with vLLM: Unsloth's engine generates
+    if llm is not None:
+        llm.generate = timed(llm.generate)
     rows = [
         {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
         for r in arithmetic_problems("train", 200)
