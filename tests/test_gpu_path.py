@@ -444,8 +444,8 @@ def test_gpu_train_4bit_lora_two_steps_checkpoint_save_infer_eval_merge(gpu_run,
     out, stdout = gpu_run
     assert "Backend: Unsloth GPU" in stdout and "step 2/2 | reward" in stdout
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
-    args = torch.load(out / "checkpoint-2" / "training_args.bin", weights_only=False)
-    assert state["global_step"] == 2 and args.optim == "paged_adamw_8bit"
+    assert state["global_step"] == 2 and (out / "checkpoint-2" / "optimizer.pt").is_file()
+    assert "optimizer paged_adamw_8bit needs CUDA" not in stdout  # kept on a GPU, as the reference
     manifest = json.loads((out / "grpo.json").read_text())
     assert manifest["settings"]["train"]["optim"] == "paged_adamw_8bit"
     grpo("save-lora", str(out), str(tmp_path / "lora"))
