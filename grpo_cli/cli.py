@@ -62,7 +62,14 @@ def train(
     output_dir: Annotated[str | None, typer.Option(help="Where checkpoints, metrics and the adapter go.")] = None,
     save_steps: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint-N directory.")] = None,
+    resume_anyway: Annotated[
+        bool, typer.Option(help="Resume even with another model, data set, rewards or group size.")
+    ] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    stop_on_no_signal: Annotated[
+        bool | None,
+        typer.Option("--stop-on-no-signal", help="Stop, with a checkpoint, when rewards give no signal for a while."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option(help="Check the rewards on base-model samples of 8 prompts; train nothing.")
     ] = False,
@@ -80,7 +87,7 @@ def train(
         max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
         lora_rank=lora_rank, lora_alpha=lora_alpha, gpu_memory_utilization=gpu_memory_utilization, vllm_standby=standby, beta=beta, epsilon=epsilon,
         num_iterations=num_iterations, loss_type=loss_type, temperature=temperature, seed=seed,
-        limit=limit, output_dir=output_dir, save_steps=save_steps,
+        limit=limit, output_dir=output_dir, save_steps=save_steps, stop_on_no_signal=stop_on_no_signal,
     )  # fmt: skip
     settings = load_settings(str(config) if config else None, flags)
     if dry_run:
@@ -92,7 +99,8 @@ def train(
                 f"--resume: {settings.train.output_dir} holds no grpo.json from an earlier run: check --output-dir"
             )
         settings = load_settings(str(config) if config else None, flags, saved=saved)
-    run(settings, resume=True if resume == "latest" else (resume or False), overwrite=overwrite)
+    resume = True if resume == "latest" else (resume or False)
+    run(settings, resume=resume, overwrite=overwrite, resume_anyway=resume_anyway)
 
 
 def check_rewards(settings) -> None:
@@ -299,6 +307,8 @@ def quiet_libraries() -> None:
 def main() -> None:
     if "--debug" not in sys.argv:
         quiet_libraries()
+    from grpo_cli.runs import RunFailed
+
     try:
         app()
     except GrpoError as exc:
@@ -306,3 +316,8 @@ def main() -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except RunFailed as exc:  # mid-run: what the completed steps made is saved; the traceback is in error.log
+        if _state["debug"]:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.code)

@@ -48,6 +48,8 @@ class DataSettings:
         default_factory=lambda: ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]
     )
     limit: int | None = None
+    reward_timeout: float | None = 60.0  # seconds a reward call may take; none: no limit
+    reward_nan: str = "error"  # or "skip": a NaN/inf reward leaves that sample out of that reward
 
 
 @dataclass
@@ -75,6 +77,8 @@ class TrainSettings:
     max_grad_norm: float = 0.1
     logging_steps: int = 1
     report_to: str = "none"
+    no_signal_steps: int = 10  # warn when no group has had any reward spread for this many steps in a row
+    stop_on_no_signal: bool = False  # then stop, with a checkpoint
     extra: dict = field(default_factory=dict)  # any other GRPOConfig field, from a recipe
 
 
@@ -188,6 +192,7 @@ def validate(s: Settings) -> None:
         ("num_iterations", t.num_iterations),
         ("lora_rank", m.lora_rank),
         ("save_steps", t.save_steps),
+        ("no_signal_steps", t.no_signal_steps),
     ]:
         if value is None or value <= 0:
             raise GrpoError(f"{name} must be a positive integer, got {value}")
@@ -218,6 +223,12 @@ def validate(s: Settings) -> None:
         raise GrpoError(
             f"max_prompt_length {d.max_prompt_length} + max_completion_length {t.max_completion_length} "
             f"exceeds max_seq_length {m.max_seq_length}: lower one of them or raise max_seq_length"
+        )
+    if d.reward_nan not in ("error", "skip"):
+        raise GrpoError(f"reward_nan must be error or skip, got {d.reward_nan!r}")
+    if d.reward_timeout is not None and d.reward_timeout <= 0:
+        raise GrpoError(
+            f"reward_timeout must be a positive number of seconds, got {d.reward_timeout}: the default is 60"
         )
     if not d.rewards:
         raise GrpoError("no reward given: add --reward NAME (see `grpo train --help` for the names)")

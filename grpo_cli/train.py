@@ -7,8 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from grpo_cli import report
-from grpo_cli.adapter import MANIFEST, fingerprint, occupied, save_adapter, write_json
+from grpo_cli import report, runs
+from grpo_cli.adapter import MANIFEST, fingerprint, occupied, read_manifest, save_adapter, write_json
 from grpo_cli.config import Settings
 from grpo_cli.errors import GrpoError
 
@@ -103,17 +103,30 @@ def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, c
 
 
 def trainer_class(cpu: bool):
-    """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), used as it is on a GPU. On CPU its
+    """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite;
+    otherwise used as it is on a GPU. On CPU its
     transformers generation runs with the LoRA folded into the weights and faster sampling, and its log-prob
     forward computes each prompt once for its group."""
+    import torch
     from trl import GRPOTrainer
 
     from grpo_cli.generate import fast_sampling, merged_lora
 
-    if not cpu:
-        return GRPOTrainer
+    class Trainer(GRPOTrainer):
+        def compute_loss(self, *args, **kwargs):
+            out = super().compute_loss(*args, **kwargs)
+            loss = out[0] if isinstance(out, tuple) else out
+            if not torch.isfinite(loss.detach()).all():  # before backward: the weights stay those of the last step
+                raise runs.NumericError(
+                    f"the loss is {loss.detach().float().mean().item()}: lower --learning-rate or max_grad_norm, "
+                    "or look for rewards of extreme size"
+                )
+            return out
 
-    class CPUTrainer(GRPOTrainer):
+    if not cpu:
+        return Trainer
+
+    class CPUTrainer(Trainer):
         def _generate_single_turn(self, *args, **kwargs):
             with merged_lora(self.model), fast_sampling():
                 return super()._generate_single_turn(*args, **kwargs)
@@ -142,7 +155,7 @@ def trainer_class(cpu: bool):
     return CPUTrainer
 
 
-def step_log(output_dir: Path, sample_every: int = 10):
+def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
     """A callback that shows a progress bar, prints one line a step, appends metrics and keeps samples."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -153,6 +166,7 @@ def step_log(output_dir: Path, sample_every: int = 10):
     class StepLog(TrainerCallback):
         trainer = None  # set once the trainer exists: TRL keeps the latest completions on it
         progress = task = None
+        skipped = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.progress = Progress(
@@ -182,7 +196,11 @@ def step_log(output_dir: Path, sample_every: int = 10):
             kl = f"kl {logs['kl']:.4f}" if "kl" in logs else None
             length = f"length {logs.get('completions/mean_length', 0):.1f}"
             seconds = f"{logs['step_time']:.1f}s" if "step_time" in logs else None
-            line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length, seconds]
+            skipped = sum(getattr(f, "skipped", 0) for f in reward_funcs)  # reward_nan: skip
+            nan = f"nan skipped {skipped - self.skipped}" if skipped > self.skipped else None
+            self.skipped = skipped
+            line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length, nan,
+                    seconds]  # fmt: skip
             console.print(" | ".join(part for part in line if part))
             status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length) if part)
             self.progress.update(self.task, completed=step, status=status)
@@ -219,12 +237,62 @@ def check_output_dir(output_dir: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-def latest_checkpoint(output_dir: Path) -> str | None:
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(found[-1]) if found else None
+def resume_point(settings: Settings, resume: str | bool, resume_anyway: bool) -> str | None:
+    """The checkpoint to continue from (the newest whole one for ``latest``), refusing a resume whose settings
+    would train something else than the run it continues."""
+    output_dir = Path(settings.train.output_dir)
+    checkpoint = (runs.latest_good_checkpoint(output_dir) if resume is True else resume) or None
+    if resume and (checkpoint is None or not Path(checkpoint).is_dir()):
+        raise GrpoError(
+            f"--resume: no checkpoint {checkpoint or 'checkpoint-N'} in {output_dir}: start a new run with --overwrite"
+        )
+    if checkpoint and resume is not True and (why := runs.broken(Path(checkpoint))):
+        raise GrpoError(f"--resume: {checkpoint} is not whole ({why}): use --resume latest or another checkpoint")
+    saved = read_manifest(output_dir).get("settings") if checkpoint else None
+    changes = runs.changed_meaning(saved, settings.to_dict()) if saved else []
+    if changes and not resume_anyway:
+        raise GrpoError(
+            f"--resume would change what {output_dir} trains ({'; '.join(changes)}): "
+            "drop those settings, start a new --output-dir, or pass --resume-anyway"
+        )
+    return checkpoint
 
 
-def train(settings: Settings, resume: str | bool = False, overwrite: bool = False) -> Path:
+def no_signal_watch(output_dir: Path, steps: int, stop: bool):
+    """Warn once (or stop, with a checkpoint) when no group has had any reward spread for ``steps`` steps in a
+    row: every advantage is zero then, and GRPO learns nothing."""
+    from rich.console import Console
+    from transformers import TrainerCallback
+
+    class NoSignal(TrainerCallback):
+        flat = 0
+        warned = False
+        trainer = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "frac_reward_zero_std" not in logs:
+                return
+            self.flat = self.flat + 1 if logs["frac_reward_zero_std"] >= 1.0 else 0
+            if self.flat < steps or self.warned:
+                return
+            completions = list(getattr(self.trainer, "_logs", {}).get("completion", []))
+            texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+            unparsed = sum("<answer>" not in t for t in texts) / len(texts) if texts else float("nan")
+            Console(highlight=False).print(
+                f"[yellow]warning[/]: no learning signal for {self.flat} steps: every reward is constant within "
+                f"every group ({unparsed:.0%} of the last completions have no <answer> tag). Add a shaped reward "
+                "(e.g. --reward answer_tag), a one-shot example in --system-prompt, or more --num-generations; "
+                "`grpo train --dry-run` checks the rewards on base-model samples"
+                + (". Stopping with a checkpoint (--stop-on-no-signal)" if stop else "")
+            )
+            self.warned = True
+            if stop:
+                control.should_save = control.should_training_stop = True
+
+    return NoSignal()
+
+
+def train(settings: Settings, resume: str | bool = False, overwrite: bool = False, resume_anyway: bool = False) -> Path:
     """Run GRPO as the settings say; returns the adapter directory."""
     # Check the input before anything is loaded or written
     from grpo_cli import models
@@ -232,20 +300,27 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     from rewards import checked, resolve
 
     output_dir = Path(settings.train.output_dir)
+    runs.check_lock(output_dir)
     check_output_dir(output_dir, bool(resume), overwrite)
-    reward_funcs = [checked(resolve(spec)[0]) for spec in settings.data.rewards]
+    d = settings.data
+    reward_funcs = [checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards]
     for logger in {settings.train.report_to} - {"none", "all"}:
         if importlib.util.find_spec(logger) is None:
             raise GrpoError(
                 f"report_to {logger}: {logger} is not installed: pip install {logger}, or set report_to: none"
             )
-    checkpoint = (latest_checkpoint(output_dir) if resume is True else resume) or None
-    if resume and (checkpoint is None or not Path(checkpoint).is_dir()):
-        raise GrpoError(
-            f"--resume: no checkpoint {checkpoint or 'checkpoint-N'} in {output_dir}: start a new run with --overwrite"
-        )
+    checkpoint = resume_point(settings, resume, resume_anyway)
     models.resolve_model(settings.model.model, convert=False)
     load_examples(settings.data)
+    lock = runs.acquire_lock(output_dir)  # one live run per folder, from here on
+    try:
+        return _train(settings, models, checkpoint, overwrite, reward_funcs)
+    finally:
+        runs.release_lock(lock)
+
+
+def _train(settings: Settings, models, checkpoint: str | None, overwrite: bool, reward_funcs: list) -> Path:
+    output_dir = Path(settings.train.output_dir)
 
     # Load model: unsloth first, as it patches trl and transformers on import
     vllm = models.engine(settings.model) == "vllm"
@@ -260,38 +335,51 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     # Data, with prompts longer than max_prompt_length dropped
     from datasets import Dataset
 
+    from grpo_cli.data import load_examples
+
     examples = load_examples(settings.data, tokenizer)
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
 
     # Build trainer
     from transformers import PrinterCallback
 
-    if overwrite and output_dir.exists():
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # the old run goes only now that the new one has loaded; the lock stays
+        for path in output_dir.iterdir():
+            if path.name != runs.LOCK:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
+    t = settings.train
     trainer = trainer_class(cpu=not models.cuda_available())(
         model=model,
         processing_class=tokenizer,
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=Dataset.from_list(examples),
-        callbacks=[log := step_log(output_dir), stop := stop_on_signal()],
+        callbacks=[
+            log := step_log(output_dir, reward_funcs),
+            stop := stop_on_signal(),
+            watch := no_signal_watch(output_dir, t.no_signal_steps, t.stop_on_no_signal),
+        ],
     )
-    log.trainer = trainer
+    log.trainer = watch.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
     write_json(output_dir / MANIFEST, manifest)
     if checkpoint:
         report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
 
-    # Train; Ctrl-C or SIGTERM stops after the current step
+    # Train; Ctrl-C or SIGTERM stops after the current step; any failure keeps what the completed steps made
     started = time.time()
     previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    failure = None
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
+    except Exception as exc:
+        failure = exc
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if failure is not None:
+        raise rescue(trainer, model, manifest, output_dir, failure) from failure
 
     # Save adapter
     history = [h for h in trainer.state.log_history if "reward" in h]
@@ -304,6 +392,31 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         print(f"Interrupted: resume with --resume latest --output-dir {output_dir}")
         raise SystemExit(128 + stop.signum)
     return adapter
+
+
+def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception) -> runs.RunFailed:
+    """After a failure mid-step: the last completed step as a checkpoint and the adapter, the plot, the traceback
+    in error.log; returns the one-line error to raise, with its exit code."""
+    kind, code = runs.failure_kind(failure)
+    log = runs.write_error_log(output_dir, failure)
+    if code == 5:
+        import torch
+
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    step = trainer.state.global_step
+    checkpoint = runs.save_checkpoint(trainer, output_dir)
+    saved = "nothing to save (no step completed)"
+    if checkpoint is not None:
+        history = [h for h in trainer.state.log_history if "reward" in h]
+        manifest.update(step=step, last_reward=history[-1]["reward"] if history else None)
+        adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
+        report.plot(output_dir)
+        saved = f"saved {checkpoint.name} and the adapter ({adapter})"
+    cause = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    again = f"grpo train --resume latest --output-dir {output_dir}" if checkpoint else "grpo train --overwrite ..."
+    return runs.RunFailed(
+        f"{kind} at step {step + 1}: {cause}; {saved}; traceback in {log}; fix the cause, then: {again}", code
+    )
 
 
 def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], float, int, int]:

@@ -4,6 +4,8 @@ import difflib
 import functools
 import importlib
 import importlib.util
+import math
+import threading
 from pathlib import Path
 
 from grpo_cli.errors import GrpoError
@@ -88,27 +90,73 @@ def resolve(spec: str):
     )
 
 
-def checked(func):
-    """Wrap a reward so a failure names the reward and the example, and a wrong count is caught."""
+class RewardError(GrpoError):
+    """A reward failed while training: it raised, hung, returned the wrong count or a non-finite value."""
+
+
+def checked(func, timeout: float | None = None, nan: str = "error"):
+    """Wrap a reward so a failure names the reward and the example, a wrong count or a NaN/inf is caught, and a
+    call longer than ``timeout`` seconds stops the run instead of freezing it. With ``nan="skip"`` a non-finite
+    value becomes None (TRL leaves that sample out of that reward) and is counted in ``wrapper.skipped``.
+
+    >>> checked(lambda prompts, completions: [float("nan")] * len(completions), nan="skip")(["p"], ["c"])
+    [None]
+    """
     name = getattr(func, "__name__", repr(func))
 
     @functools.wraps(func)
     def wrapper(prompts, completions, **kwargs):
         try:
-            values = func(prompts=prompts, completions=completions, **kwargs)
+            values = _call(func, timeout, prompts=prompts, completions=completions, **kwargs)
+        except TimeoutError as exc:
+            raise RewardError(
+                f"reward {name} took longer than {timeout:g}s on {len(completions)} completions: make it faster, "
+                "or raise reward_timeout in the recipe"
+            ) from exc
         except Exception as exc:
             example = _first_failing(func, prompts, completions, kwargs)
-            raise GrpoError(
+            raise RewardError(
                 f"reward {name} raised {type(exc).__name__}: {exc} on {example!r}: fix the reward function"
             ) from exc
         if values is None or len(values) != len(completions):
             got = "None" if values is None else f"{len(values)} values"
-            raise GrpoError(
+            raise RewardError(
                 f"reward {name} returned {got} for {len(completions)} completions: return one float per completion"
             )
-        return values
+        bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v)]
+        if bad and nan != "skip":
+            text = completions[bad[0]] if isinstance(completions[bad[0]], str) else completions[bad[0]][-1]["content"]
+            raise RewardError(
+                f"reward {name} returned {values[bad[0]]} on {text[:80]!r}: return finite numbers, "
+                "or set reward_nan: skip to leave such samples out"
+            )
+        wrapper.skipped += len(bad)
+        return [None if i in bad else v for i, v in enumerate(values)] if bad else values
 
+    wrapper.skipped = 0
     return wrapper
+
+
+def _call(func, timeout: float | None, **kwargs):
+    """``func(**kwargs)``, in a daemon thread when a timeout is set, so that a hung reward cannot hold the run."""
+    if not timeout:
+        return func(**kwargs)
+    result = {}
+
+    def run():
+        try:
+            result["value"] = func(**kwargs)
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=run, name="reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError(timeout)
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def _first_failing(func, prompts, completions, kwargs) -> str:

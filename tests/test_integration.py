@@ -223,3 +223,42 @@ def test_save_lora_merged_and_gguf_on_cpu(run, tmp_path):
     refused = grpo("save-lora", str(run[0]), str(tmp_path / "gguf"), "--gguf", "q4_k_m", check=False)
     assert refused.returncode == 2 and "write --merged and convert" in refused.stderr
     assert not (tmp_path / "gguf").exists()
+
+
+def test_a_reward_that_raises_at_step_3_keeps_step_2_and_resume_continues(tmp_path):
+    out = tmp_path / "out"
+    args = ["train", "--max-steps", "4", "--num-generations", "4", "--batch-size", "4", "--max-completion-length", "8",
+            "--lora-rank", "4", "--limit", "8", "--save-steps", "10", "--reward", "tests/failing_reward.py:fails_on_third_call",
+            "--output-dir", str(out)]  # fmt: skip
+    failed = grpo(*args, check=False)
+    assert failed.returncode == 3, failed.stderr
+    (last,) = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert "a reward failed at step 3: reward fails_on_third_call raised ValueError: the third call fails" in last
+    assert f"fix the cause, then: grpo train --resume latest --output-dir {out}" in last
+    assert "Traceback" not in failed.stderr and "ValueError" in (out / "error.log").read_text()
+    from grpo_cli.runs import broken
+
+    assert broken(out / "checkpoint-2") is None and not (out / ".grpo.lock").exists()
+    assert json.loads((out / "adapter" / "grpo.json").read_text())["step"] == 2
+    from safetensors.torch import load_file
+
+    assert load_file(out / "adapter" / "adapter_model.safetensors")  # the step-2 adapter loads
+    resumed = grpo("train", "--resume", "latest", "--output-dir", str(out))
+    assert "step 3/4" in resumed.stdout and "step 1/4" not in resumed.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+
+
+def test_no_signal_warns_and_can_stop_with_a_checkpoint(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("no_signal_steps: 2\n")
+    out = tmp_path / "out"
+    result = grpo(
+        "train", "--config", str(tmp_path / "recipe.yaml"), "--max-steps", "4", "--num-generations", "2",
+        "--batch-size", "2", "--max-completion-length", "8", "--lora-rank", "4", "--limit", "4",
+        "--reward", "xmlcount", "--reward", "soft_format", "--reward", "strict_format", "--reward", "integer",
+        "--reward", "correctness", "--stop-on-no-signal", "--output-dir", str(out),
+    )  # fmt: skip
+    assert "warning: no learning signal for 2 steps" in result.stdout and "have no <answer> tag" in result.stdout
+    assert "Stopping with a checkpoint (--stop-on-no-signal)" in result.stdout
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-3").exists()
+    assert json.loads((out / "adapter" / "grpo.json").read_text())["step"] == 2

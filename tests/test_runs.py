@@ -1,0 +1,118 @@
+"""Never lose a run: misbehaving rewards, a non-finite loss, one live run per folder, checkpoints to trust."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from grpo_cli import runs
+from grpo_cli.errors import GrpoError
+from rewards import RewardError, checked
+
+
+def test_a_reward_past_its_timeout_stops_with_its_name():
+    def slow_reward(prompts, completions, **kwargs):
+        time.sleep(30)
+
+    with pytest.raises(RewardError, match=r"reward slow_reward took longer than 0.2s on 2 completions: make it faster"):
+        checked(slow_reward, timeout=0.2)(prompts=["p", "p"], completions=["a", "b"])
+
+
+def test_a_nan_reward_is_an_error_naming_the_completion_unless_skipped():
+    def shaky(prompts, completions, **kwargs):
+        return [1.0 if c == "fine" else math.nan for c in completions]
+
+    with pytest.raises(RewardError, match=r"reward shaky returned nan on 'odd one': return finite numbers, or set"):
+        checked(shaky)(prompts=["p"] * 2, completions=["fine", "odd one"])
+    skipping = checked(shaky, nan="skip")
+    assert skipping(prompts=["p"] * 3, completions=["fine", "odd", "x"]) == [1.0, None, None]
+    assert skipping.skipped == 2
+
+
+def test_a_non_finite_loss_stops_before_backward(monkeypatch):
+    import trl
+
+    from grpo_cli.train import trainer_class
+
+    for cpu in (True, False):
+        trainer = object.__new__(trainer_class(cpu=cpu))
+        monkeypatch.setattr(trl.GRPOTrainer, "compute_loss", lambda self, *a, **kw: torch.tensor(float("nan")))
+        with pytest.raises(runs.NumericError, match="the loss is nan: lower --learning-rate"):
+            trainer.compute_loss(None, {})
+        monkeypatch.setattr(trl.GRPOTrainer, "compute_loss", lambda self, *a, **kw: torch.tensor(0.5))
+        assert trainer.compute_loss(None, {}).item() == 0.5
+
+
+@pytest.mark.parametrize(
+    "exc, code", [(RewardError("r"), 3), (runs.NumericError("n"), 4), (torch.OutOfMemoryError("o"), 5), (KeyError(), 1)]
+)
+def test_each_failure_has_its_exit_code(exc, code):
+    assert runs.failure_kind(exc)[1] == code
+
+
+def test_a_live_run_holds_its_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / runs.LOCK).write_text(json.dumps({"pid": live.pid, "started": time.time()}))
+        with pytest.raises(GrpoError, match=rf"is in use by another grpo train \(PID {live.pid}, started .*\): wait"):
+            runs.acquire_lock(tmp_path)
+        result = subprocess.run(
+            [sys.executable, "-m", "grpo_cli", "train", "--output-dir", str(tmp_path)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 2 and f"(PID {live.pid}, started" in result.stderr
+    finally:
+        live.kill()
+        live.wait()
+    lock = runs.acquire_lock(tmp_path)  # its process is gone: stale
+    assert "Removing a stale lock" in capsys.readouterr().out
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    runs.release_lock(lock)
+    assert not lock.exists()
+
+
+def checkpoint(root, step, weights=b""):
+    from safetensors.torch import save_file
+
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    (path / "adapter_config.json").write_text("{}")
+    save_file({"lora_A": torch.ones(4, 4)}, path / "adapter_model.safetensors")
+    return path
+
+
+def test_resume_skips_a_truncated_or_unreadable_checkpoint(tmp_path, capsys):
+    checkpoint(tmp_path, 1)
+    truncated = checkpoint(tmp_path, 2)
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    (checkpoint(tmp_path, 3) / "trainer_state.json").write_text("{not json")
+    assert runs.latest_good_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    out = capsys.readouterr().out
+    assert "Skipping checkpoint-3: trainer_state.json does not parse" in out
+    assert "Skipping checkpoint-2: adapter_model.safetensors does not read" in out
+
+
+def test_resume_refuses_a_change_of_meaning_unless_asked(tmp_path):
+    from grpo_cli.adapter import write_json
+    from grpo_cli.config import Settings
+    from grpo_cli.train import resume_point
+
+    before = Settings()
+    before.train.output_dir = str(tmp_path)
+    write_json(tmp_path / "grpo.json", {"settings": before.to_dict()})
+    checkpoint(tmp_path, 1)
+    now = Settings()
+    now.train.output_dir, now.train.num_generations, now.data.rewards = str(tmp_path), 4, ["answer_tag"]
+    with pytest.raises(GrpoError, match=r"would change what .* trains \(rewards: .* -> \['answer_tag'\]; "
+                                        r"num_generations: 6 -> 4\): drop those settings"):  # fmt: skip
+        resume_point(now, True, resume_anyway=False)
+    assert resume_point(now, True, resume_anyway=True) == str(tmp_path / "checkpoint-1")
+    before.train.max_steps = 500  # more steps is what a resume is for
+    assert resume_point(before, True, resume_anyway=False) == str(tmp_path / "checkpoint-1")
