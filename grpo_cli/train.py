@@ -428,7 +428,8 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
     from grpo_cli.generate import Pair, Sampling
     from rewards import checked, resolve
 
-    funcs = {spec: checked(resolve(spec)[0]) for spec in settings.data.rewards}
+    d = settings.data
+    funcs = {spec: checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards}
     examples = load_examples(settings.data)[:prompts]
     pair = Pair(settings.model.model, None, settings.model.max_seq_length)
     g = settings.train.num_generations
