@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -94,11 +95,98 @@ def publish(out_dir: Path, write, force: bool = False) -> Path:
     return out_dir
 
 
+HUB_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the embedded model, as the Hub names it
+
+
+def model_card(manifest: dict) -> str:
+    """The adapter's README.md in the Hub's format: YAML front matter, then what it is and how to load it."""
+    from huggingface_hub import ModelCardData
+
+    from grpo_cli.models import ALIASES
+
+    base = HUB_IDS.get(manifest["base_model"]) or ALIASES.get(manifest["base_model"], manifest["base_model"])
+    data = ModelCardData(base_model=base, library_name="peft", pipeline_tag="text-generation",
+                         tags=["grpo", "trl", "unsloth", "lora"])  # fmt: skip
+    settings = manifest.get("settings", {})
+    rank = settings.get("model", {}).get("lora_rank", 16)
+    from rewards import split_weight
+
+    rewards = "\n".join("| `{}` | {:g} |".format(*split_weight(spec)) for spec in manifest.get("rewards", []))
+    recipe = "\n".join(
+        f"{key}: {json.dumps(value)}"
+        for section in ("model", "data", "train")
+        for key, value in settings.get(section, {}).items()
+        if key not in ("system_prompt", "extra")
+    )
+    evaluation = ""
+    if manifest.get("eval"):
+        rows = "\n".join(f"| {k} | {v['base']:.3f} | {v['adapter']:.3f} |" for k, v in manifest["eval"].items())
+        evaluation = f"\n## Held-out evaluation\n\n| metric | base | adapter |\n| --- | --- | --- |\n{rows}\n"
+    reward = manifest.get("last_reward")
+    return f"""---
+{data.to_yaml()}
+---
+
+# GRPO LoRA adapter for {base}
+
+A LoRA adapter trained with [grpo](https://pypi.org/project/grpo-cli/) (GRPO with TRL's `GRPOTrainer`, Unsloth and
+PEFT) for {manifest.get("step", "?")} steps; mean reward at the last step: {"?" if reward is None else f"{reward:.3f}"}.
+Prompt it with the system prompt below, as it was trained.
+
+## System prompt
+
+```
+{manifest.get("system_prompt", "").strip()}
+```
+
+## Rewards
+
+| reward | weight |
+| --- | --- |
+{rewards}
+{evaluation}
+## Recipe
+
+```yaml
+{recipe}
+```
+
+## Use
+
+With grpo, side by side with the base model:
+
+```bash
+grpo infer --lora ADAPTER_DIR --prompt "What is 7 + 5?"
+```
+
+With PEFT:
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+
+model = AutoPeftModelForCausalLM.from_pretrained("ADAPTER_DIR")
+tokenizer = AutoTokenizer.from_pretrained("{base}")
+```
+
+With vLLM:
+
+```python
+from vllm import LLM
+from vllm.lora.request import LoRARequest
+
+llm = LLM(model="{base}", enable_lora=True, max_lora_rank={rank})
+outputs = llm.generate(prompts, lora_request=LoRARequest("adapter", 1, "ADAPTER_DIR"))
+```
+"""
+
+
 def save_adapter(model, out_dir: Path, manifest: dict, force: bool = False) -> Path:
     def write(tmp: Path) -> None:
         # the trained adapter only: TRL keeps a frozen copy named "ref" for the KL term
         model.save_pretrained(tmp, selected_adapters=["default"])
         write_json(tmp / MANIFEST, manifest)
+        (tmp / "README.md").write_text(model_card(manifest))
 
     return publish(out_dir, write, force)
 
@@ -121,8 +209,44 @@ def find_adapter(source: Path) -> tuple[Path, dict]:
     return adapter, manifest
 
 
-def save_lora(source: Path, out_dir: Path, merged: bool = False, gguf: str | None = None, force: bool = False) -> Path:
-    """Write an adapter (or a merged model, or a GGUF file) with its manifest, all or nothing."""
+def push(out_dir: Path, repo: str) -> str:
+    """Upload a written folder to the Hub in one commit (all of it or nothing); the token from the usual places."""
+    from huggingface_hub import HfApi, constants
+
+    later = f"{out_dir} is saved: upload it later with `hf upload {repo} {out_dir}`"
+    if constants.HF_HUB_OFFLINE:
+        raise GrpoError(f"--push-to-hub {repo}: the hub is offline here (HF_HUB_OFFLINE is set); {later}")
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        info = api.upload_folder(folder_path=str(out_dir), repo_id=repo, commit_message="Upload a grpo adapter")
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise GrpoError(
+            f"could not push to {repo} ({first}): check the network and your token (`hf auth login`); {later}"
+        ) from exc
+    return str(getattr(info, "commit_url", repo))
+
+
+def save_lora(
+    source: Path,
+    out_dir: Path,
+    merged: bool = False,
+    gguf: str | None = None,
+    force: bool = False,
+    push_to_hub: str | None = None,
+) -> Path:
+    """Write an adapter (or a merged model, or a GGUF file) with its manifest, all or nothing; then upload it to
+    the Hub when asked."""
+    if push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", push_to_hub):
+        raise GrpoError(f"--push-to-hub {push_to_hub!r}: give a Hub repository as ORG/NAME")
+    written = _save_lora(source, out_dir, merged, gguf, force)
+    if push_to_hub:
+        print(f"Pushed to {push(written, push_to_hub)}")
+    return written
+
+
+def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, force: bool) -> Path:
     adapter, manifest = find_adapter(source)
     if not manifest:
         raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
@@ -143,6 +267,7 @@ def save_lora(source: Path, out_dir: Path, merged: bool = False, gguf: str | Non
             for name in ADAPTER_FILES:
                 shutil.copy2(adapter / name, tmp / name)
             write_json(tmp / MANIFEST, manifest)
+            (tmp / "README.md").write_text(model_card(manifest))
 
         return publish(out_dir, write, force)
 

@@ -60,6 +60,7 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Where checkpoints, metrics and the adapter go.")] = None,
+    report_to: Annotated[str | None, typer.Option(help="Logger: tensorboard, wandb, trackio or none.")] = None,
     save_steps: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint-N directory.")] = None,
     resume_anyway: Annotated[
@@ -88,6 +89,7 @@ def train(
         lora_rank=lora_rank, lora_alpha=lora_alpha, gpu_memory_utilization=gpu_memory_utilization, vllm_standby=standby, beta=beta, epsilon=epsilon,
         num_iterations=num_iterations, loss_type=loss_type, temperature=temperature, seed=seed,
         limit=limit, output_dir=output_dir, save_steps=save_steps, stop_on_no_signal=stop_on_no_signal,
+        report_to=report_to,
     )  # fmt: skip
     settings = load_settings(str(config) if config else None, flags)
     if dry_run:
@@ -135,11 +137,14 @@ def save_lora(
         str | None, typer.Option(help="Write a GGUF file with this quantization (e.g. q4_k_m); GPU.")
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Then upload OUT_DIR to this Hub repository (ORG/NAME), in one commit.")
+    ] = None,
 ) -> None:
-    """Write a LoRA adapter with its manifest (grpo.json)."""
+    """Write a LoRA adapter with its manifest (grpo.json) and model card (README.md)."""
     from grpo_cli.adapter import save_lora as run
 
-    print(f"Saved {run(source, out_dir, merged=merged, gguf=gguf, force=force)}")
+    print(f"Saved {run(source, out_dir, merged=merged, gguf=gguf, force=force, push_to_hub=push_to_hub)}")
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:

@@ -18,6 +18,7 @@ Respond in the following format:
 </answer>
 """
 
+LOGGERS = ["none", "tensorboard", "wandb", "trackio"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -230,5 +231,7 @@ def validate(s: Settings) -> None:
         raise GrpoError(
             f"reward_timeout must be a positive number of seconds, got {d.reward_timeout}: the default is 60"
         )
+    if t.report_to not in LOGGERS:
+        raise GrpoError(f"report_to {t.report_to!r} is not a logger grpo knows: use {', '.join(LOGGERS)}")
     if not d.rewards:
         raise GrpoError("no reward given: add --reward NAME (see `grpo train --help` for the names)")

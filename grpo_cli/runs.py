@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from grpo_cli.errors import GrpoError
@@ -66,6 +67,15 @@ def acquire_lock(output_dir: Path) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "started": time.time()}, f)
         return lock
+
+
+@contextmanager
+def locked(output_dir: Path):
+    lock = acquire_lock(output_dir)
+    try:
+        yield lock
+    finally:
+        release_lock(lock)
 
 
 def read_lock(lock: Path) -> dict | None:

@@ -258,7 +258,7 @@ def resume_point(settings: Settings, resume: str | bool, resume_anyway: bool) ->
     return checkpoint
 
 
-def no_signal_watch(output_dir: Path, steps: int, stop: bool):
+def no_signal_watch(steps: int, stop: bool):
     """Warn once (or stop, with a checkpoint) when no group has had any reward spread for ``steps`` steps in a
     row: every advantage is zero then, and GRPO learns nothing."""
     from rich.console import Console
@@ -304,23 +304,14 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     check_output_dir(output_dir, bool(resume), overwrite)
     d = settings.data
     reward_funcs = [checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards]
-    for logger in {settings.train.report_to} - {"none", "all"}:
+    for logger in {settings.train.report_to} - {"none"}:
         if importlib.util.find_spec(logger) is None:
             raise GrpoError(
-                f"report_to {logger}: {logger} is not installed: pip install {logger}, or set report_to: none"
+                f"report_to {logger}: {logger} is not installed: pip install {logger}, or use --report-to none"
             )
     checkpoint = resume_point(settings, resume, resume_anyway)
     models.resolve_model(settings.model.model, convert=False)
     load_examples(settings.data)
-    lock = runs.acquire_lock(output_dir)  # one live run per folder, from here on
-    try:
-        return _train(settings, models, checkpoint, overwrite, reward_funcs)
-    finally:
-        runs.release_lock(lock)
-
-
-def _train(settings: Settings, models, checkpoint: str | None, overwrite: bool, reward_funcs: list) -> Path:
-    output_dir = Path(settings.train.output_dir)
 
     # Load model: unsloth first, as it patches trl and transformers on import
     vllm = models.engine(settings.model) == "vllm"
@@ -335,57 +326,56 @@ def _train(settings: Settings, models, checkpoint: str | None, overwrite: bool, 
     # Data, with prompts longer than max_prompt_length dropped
     from datasets import Dataset
 
-    from grpo_cli.data import load_examples
-
     examples = load_examples(settings.data, tokenizer)
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
 
-    # Build trainer
-    from transformers import PrinterCallback
+    with runs.locked(output_dir):  # from here on the folder is this run's alone
+        # Build trainer
+        from transformers import PrinterCallback
 
-    if overwrite:  # the old run goes only now that the new one has loaded; the lock stays
-        for path in output_dir.iterdir():
-            if path.name != runs.LOCK:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-    config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
-    t = settings.train
-    trainer = trainer_class(cpu=not models.cuda_available())(
-        model=model,
-        processing_class=tokenizer,
-        reward_funcs=reward_funcs,
-        args=config,
-        train_dataset=Dataset.from_list(examples),
-        callbacks=[
-            log := step_log(output_dir, reward_funcs),
-            stop := stop_on_signal(),
-            watch := no_signal_watch(output_dir, t.no_signal_steps, t.stop_on_no_signal),
-        ],
-    )
-    log.trainer = watch.trainer = trainer
-    trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
-    write_json(output_dir / MANIFEST, manifest)
-    if checkpoint:
-        report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
+        if overwrite:  # the old run goes only now that the new one has loaded
+            for path in output_dir.iterdir():
+                if path.name != runs.LOCK:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
+        t = settings.train
+        trainer = trainer_class(cpu=not models.cuda_available())(
+            model=model,
+            processing_class=tokenizer,
+            reward_funcs=reward_funcs,
+            args=config,
+            train_dataset=Dataset.from_list(examples),
+            callbacks=[
+                log := step_log(output_dir, reward_funcs),
+                stop := stop_on_signal(),
+                watch := no_signal_watch(t.no_signal_steps, t.stop_on_no_signal),
+            ],
+        )
+        log.trainer = watch.trainer = trainer
+        trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
+        write_json(output_dir / MANIFEST, manifest)
+        if checkpoint:
+            report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
 
-    # Train; Ctrl-C or SIGTERM stops after the current step; any failure keeps what the completed steps made
-    started = time.time()
-    previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    failure = None
-    try:
-        trainer.train(resume_from_checkpoint=checkpoint)
-    except Exception as exc:
-        failure = exc
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if failure is not None:
-        raise rescue(trainer, model, manifest, output_dir, failure) from failure
+        # Train; Ctrl-C or SIGTERM stops after the current step; any failure keeps what the completed steps made
+        started = time.time()
+        previous = {sig: signal.signal(sig, stop.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        failure = None
+        try:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        except Exception as exc:
+            failure = exc
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if failure is not None:
+            raise rescue(trainer, model, manifest, output_dir, failure) from failure
 
-    # Save adapter
-    history = [h for h in trainer.state.log_history if "reward" in h]
-    manifest.update(step=trainer.state.global_step, last_reward=history[-1]["reward"] if history else None)
-    adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
-    plot = report.plot(output_dir)
+        # Save adapter
+        history = [h for h in trainer.state.log_history if "reward" in h]
+        manifest.update(step=trainer.state.global_step, last_reward=history[-1]["reward"] if history else None)
+        adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
+        plot = report.plot(output_dir)
     print(f"Trained {trainer.state.global_step} steps in {time.time() - started:.0f}s; adapter saved to {adapter}")
     print(f"Metrics: {output_dir / report.METRICS}, plot: {plot}")
     if stop.signum is not None:

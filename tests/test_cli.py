@@ -84,9 +84,16 @@ def test_unknown_recipe_key_and_empty_prompts_file(tmp_path):
 
 
 def test_report_to_a_logger_that_is_not_installed(tmp_path):
-    (tmp_path / "r.yaml").write_text("report_to: no_such_logger\n")
+    (tmp_path / "r.yaml").write_text("report_to: trackio\n")
     result = grpo("train", "--config", "r.yaml", cwd=tmp_path)
-    assert result.returncode == 2 and "no_such_logger is not installed" in result.stderr
+    assert result.returncode == 2 and "trackio is not installed: pip install trackio, or use --report-to none" in (
+        result.stderr
+    )
+    result = grpo("train", "--report-to", "no_such_logger", cwd=tmp_path)
+    assert result.returncode == 2 and "'no_such_logger' is not a logger grpo knows: use none, tensorboard" in (
+        result.stderr
+    )
+    assert not any(tmp_path.iterdir()) or sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
 
 
 def test_resume_without_a_run_or_a_checkpoint(tmp_path):

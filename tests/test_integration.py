@@ -31,6 +31,7 @@ def run(tmp_path_factory):
         "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "2e-2", "--save-steps", "1",
         "--system-prompt", "Answer in one short sentence.", "--limit", "8",
         "--reward", "answer_tag", "--reward", "tests/length_reward.py:longer:0.5", "--output-dir", str(out),
+        "--report-to", "tensorboard",
     )  # fmt: skip
     return out, result.stdout
 
@@ -42,8 +43,22 @@ def test_train_prints_steps_and_writes_adapter_and_metrics(run):
         p.name for p in (out / "adapter").iterdir()
     }
     assert not (out / "adapter" / "ref").exists()  # TRL's frozen reference copy stays out of the adapter
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "adapter" / "README.md")  # the adapter documents itself
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "for 2 steps" in card.text
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and "rewards/longer/mean" in metrics[0]
+
+
+def test_tensorboard_holds_reward_per_reward_means_and_kl(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = run[0].rglob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/reward", "train/rewards/answer_tag_reward/mean", "train/rewards/longer/mean", "train/kl"} <= set(
+        scalars
+    )
 
 
 def test_lora_weights_moved(run):
