@@ -31,8 +31,11 @@ def train(
         typer.Option(help="smollm2-135m (embedded), an alias, a hub id, a model directory or a .gguf file."),
     ] = None,
     dataset: Annotated[
-        str | None, typer.Option(help="arithmetic (generated), gsm8k (hub), or a .jsonl/.json/.csv/.parquet file.")
+        str | None,
+        typer.Option(help="arithmetic (generated), gsm8k, a hub id, a dataset folder, or data files (a glob works)."),
     ] = None,
+    dataset_config: Annotated[str | None, typer.Option(help="A hub data set's configuration.")] = None,
+    split: Annotated[str | None, typer.Option(help="The split to train on (train).")] = None,
     question_field: Annotated[str | None, typer.Option(help="Question column of a data file.")] = None,
     answer_field: Annotated[str | None, typer.Option(help="Answer column of a data file.")] = None,
     system_prompt: Annotated[str | None, typer.Option(help="System prompt text, or @path/to/file.")] = None,
@@ -81,7 +84,8 @@ def train(
     from grpo_cli.train import train as run
 
     flags = dict(
-        model=model, dataset=dataset, question_field=question_field, answer_field=answer_field,
+        model=model, dataset=dataset, dataset_config=dataset_config, split=split, question_field=question_field,
+        answer_field=answer_field,
         system_prompt=system_prompt, rewards=reward or None, max_steps=max_steps,
         num_generations=num_generations, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, learning_rate=learning_rate,
@@ -212,7 +216,8 @@ def infer(
 def evaluate(
     lora: Annotated[Path | None, typer.Option(help="Adapter directory; without it only the base is scored.")] = None,
     dataset: Annotated[str | None, typer.Option(help="arithmetic (its held-out split), gsm8k, or a data file.")] = None,
-    split: Annotated[str, typer.Option(help="Split of arithmetic or gsm8k.")] = "test",
+    split: Annotated[str, typer.Option(help="The split to score.")] = "test",
+    dataset_config: Annotated[str | None, typer.Option(help="A hub data set's configuration.")] = None,
     question_field: Annotated[str, typer.Option(help="Question column of a data file.")] = "question",
     answer_field: Annotated[str, typer.Option(help="Answer column of a data file.")] = "answer",
     limit: Annotated[int | None, typer.Option(help="Score the first N prompts.")] = None,
@@ -240,6 +245,7 @@ def evaluate(
     data = DataSettings(
         dataset=dataset or trained.get("data", {}).get("dataset", "arithmetic"),
         split=split,
+        dataset_config=dataset_config or trained.get("data", {}).get("dataset_config"),
         question_field=question_field,
         answer_field=answer_field,
         system_prompt=pair.manifest.get("system_prompt", "") if system_prompt is None else system_prompt,

@@ -40,6 +40,7 @@ class ModelSettings:
 @dataclass
 class DataSettings:
     dataset: str = "arithmetic"
+    dataset_config: str | None = None  # a hub data set's configuration (gsm8k: main)
     split: str = "train"
     question_field: str = "question"
     answer_field: str = "answer"

@@ -1,6 +1,6 @@
 """Data sets -> rows of {"prompt": [system, user messages], "answer": str}."""
 
-import csv
+import glob
 import json
 import random
 from pathlib import Path
@@ -45,73 +45,125 @@ def arithmetic_problems(split: str, count: int = 2000, seed: int = 0) -> list[di
     return rows[:HELD_OUT] if split == "test" else rows[HELD_OUT:]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+SAVED = ("dataset_dict.json", "state.json")  # a folder written by save_to_disk
+
+
+def _first_bad_json_line(path: Path) -> int | None:
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise GrpoError(f"{path} line {number} is not valid JSON ({exc.msg}): fix or remove that line") from exc
-    return rows
+                json.loads(line)
+            except json.JSONDecodeError:
+                return number
+    return None
 
 
-def read_file(path: Path) -> list[dict]:
-    """Rows of a local JSONL, JSON (a list, or {"data": [...]}), CSV or Parquet file."""
-    if not path.is_file():
-        raise GrpoError(f"data file {path} does not exist: give an existing .jsonl, .json, .csv or .parquet file")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            rows = _read_jsonl(path)
-        elif suffix == ".json":
-            rows = json.loads(path.read_text())
-            rows = rows.get("data", rows) if isinstance(rows, dict) else rows
-        elif suffix == ".csv":
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(path).to_pylist()
-        else:
-            raise GrpoError(f"{path}: unknown data format {suffix!r}: use .jsonl, .json, .csv or .parquet")
-    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error, OSError) as exc:
-        raise GrpoError(f"{path} could not be read as {suffix[1:]} ({type(exc).__name__}): check the file") from exc
-    except Exception as exc:
-        if isinstance(exc, GrpoError):
-            raise
-        raise GrpoError(f"{path} could not be read as {suffix[1:]} ({exc}): check the file") from exc
-    if not isinstance(rows, list) or not rows:
-        raise GrpoError(f"data file {path} holds no rows: give a file with at least one example")
-    return rows
-
-
-def _hub_gsm8k(split: str) -> list[dict]:
+def _from_files(pattern: str) -> list[dict]:
+    """Local data files (one, or several through a glob) of one format, with ``datasets``."""
     from datasets import load_dataset
 
+    files = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(pattern) else [pattern]
+    if not files or not Path(files[0]).is_file():
+        what = "no file matches" if glob.has_magic(pattern) else "does not exist"
+        raise GrpoError(f"data file {pattern} {what}: give an existing {', '.join(BUILDERS)} file, or a glob of them")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    if len(suffixes) > 1 or (suffix := suffixes.pop()) not in BUILDERS:
+        raise GrpoError(
+            f"{pattern}: unknown data format {', '.join(sorted({Path(f).suffix for f in files}))!r}: "
+            f"use {', '.join(BUILDERS)} files, one format at a time"
+        )
+    if all(Path(f).stat().st_size == 0 for f in files):
+        raise GrpoError(f"data file {pattern} holds no rows: give a file with at least one example")
+    options = {}
+    if suffix == ".json" and Path(files[0]).read_text().lstrip().startswith("{"):
+        options["field"] = "data"  # {"data": [...]}
     try:
-        return list(load_dataset("openai/gsm8k", "main", split=split))
+        return list(load_dataset(BUILDERS[suffix], data_files=files, split="train", **options))
+    except Exception as exc:
+        if suffix == ".jsonl" and (line := next(filter(None, map(_first_bad_json_line, map(Path, files))), None)):
+            bad = next(f for f in files if _first_bad_json_line(Path(f)))
+            raise GrpoError(f"{bad} line {line} is not valid JSON: fix or remove that line") from exc
+        cause = str(exc.__cause__ or exc).splitlines()[0][:120]
+        raise GrpoError(f"{pattern} could not be read as {suffix[1:]} ({cause}): check the file") from exc
+
+
+def _pick_split(data, split: str, where: str):
+    from datasets import DatasetDict
+
+    if not isinstance(data, DatasetDict):
+        return data
+    if split not in data:
+        raise GrpoError(f"{where} has no split {split!r} (splits: {', '.join(data)}): use --split NAME")
+    return data[split]
+
+
+def _from_folder(path: Path, split: str, config: str | None) -> list[dict]:
+    """A folder written by ``save_to_disk``, or a Hub-style dataset folder (data files named by split)."""
+    from datasets import load_dataset, load_from_disk
+
+    if any((path / name).is_file() for name in SAVED):
+        return list(_pick_split(load_from_disk(str(path)), split, str(path)))
+    try:
+        data = load_dataset(str(path), config)
     except Exception as exc:
         raise GrpoError(
-            f"could not load openai/gsm8k from the hub ({type(exc).__name__}): "
-            "give a local GSM8K file with --dataset path/to/train.jsonl"
+            f"{path} is not a dataset folder ({str(exc).splitlines()[0][:120]}): give a folder written by "
+            "save_to_disk, one with data files (.jsonl, .csv, .parquet, ...), or a data file"
         ) from exc
+    return list(_pick_split(data, split, str(path)))
+
+
+def _from_hub(name: str, config: str | None, split: str) -> list[dict]:
+    from datasets import load_dataset
+    from huggingface_hub import constants
+
+    instead = "download it where the hub is reachable (save_to_disk) and pass that folder, or give data files"
+    if constants.HF_HUB_OFFLINE:
+        cached = None
+        try:  # a data set already in the local cache still loads offline
+            cached = load_dataset(name, config, split=split)
+        except Exception:
+            pass
+        if cached is None:
+            raise GrpoError(f"{name} is a hub data set and the hub is offline here (HF_HUB_OFFLINE): {instead}")
+        return list(cached)
+    try:
+        return list(load_dataset(name, config, split=split))
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise GrpoError(f"could not load {name} from the hub ({type(exc).__name__}: {first}): {instead}") from exc
 
 
 def raw_rows(settings: DataSettings) -> list[dict]:
-    if settings.dataset == GENERATED:
+    """Rows of the data set: the generated one, a hub id (``gsm8k`` is openai/gsm8k), a dataset folder, or data
+    files; through ``datasets`` for all but the generated one."""
+    name, config = settings.dataset, settings.dataset_config
+    if name == GENERATED:
         return arithmetic_problems(settings.split)
-    if settings.dataset == "gsm8k":
-        return _hub_gsm8k(settings.split)
-    return read_file(Path(settings.dataset))
+    if name == "gsm8k":
+        name, config = "openai/gsm8k", config or "main"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        rows = _from_folder(path, settings.split, config)
+    elif glob.has_magic(name) or path.suffix.lower() in BUILDERS or path.exists() or name.startswith((".", "/", "~")):
+        rows = _from_files(name)
+    elif name.count("/") <= 1 and not name.startswith((".", "~", "/")):
+        rows = _from_hub(name, config, settings.split)
+    else:
+        raise GrpoError(f"data set {name} does not exist: give a hub id, a dataset folder or data files")
+    if not rows:
+        raise GrpoError(f"data set {settings.dataset} holds no rows: give one with at least one example")
+    return rows
 
 
 def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], int]:
-    """Rows -> chat prompts with answers. GSM8K-style answers keep the text after ``####``;
+    """Rows -> chat prompts with answers. Rows that hold a chat ``prompt`` already (TRL's conversational format)
+    keep it, with the system prompt added when they have none. GSM8K-style answers keep the text after ``####``;
     in such a set, rows without it are dropped. Returns the examples and how many were dropped."""
     q, a = settings.question_field, settings.answer_field
-    missing = [f for f in (q, a) if f not in rows[0]]
+    conversational = isinstance(rows[0].get("prompt"), list)
+    missing = [f for f in ((a,) if conversational else (q, a)) if f not in rows[0]]
     if missing:
         flag = "--question-field" if q in missing else "--answer-field"
         raise GrpoError(
@@ -127,7 +179,12 @@ def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], i
                 dropped += 1
                 continue
             answer = answer.split("####")[1].strip().replace(",", "")
-        examples.append({"prompt": system + [{"role": "user", "content": str(row[q])}], "answer": answer})
+        if conversational:
+            messages = list(row["prompt"])
+            prompt = messages if any(m.get("role") == "system" for m in messages) else system + messages
+        else:
+            prompt = system + [{"role": "user", "content": str(row[q])}]
+        examples.append({"prompt": prompt, "answer": answer})
     return examples, dropped
 
 

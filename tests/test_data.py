@@ -89,3 +89,52 @@ def test_bad_data_says_how_to_fix(tmp_path, fake_tokenizer, content, name, kwarg
 def test_to_examples_without_system_prompt():
     examples, dropped = to_examples([{"question": "q", "answer": "a"}], DataSettings(system_prompt=""))
     assert examples == [{"prompt": [{"role": "user", "content": "q"}], "answer": "a"}] and dropped == 0
+
+
+def test_a_hub_style_folder_and_a_save_to_disk_folder_by_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    hub = tmp_path / "hub-style"
+    (hub / "data").mkdir(parents=True)
+    (hub / "data" / "train.jsonl").write_text('{"question": "q1", "answer": "1"}\n{"question": "q2", "answer": "2"}\n')
+    (hub / "data" / "test.jsonl").write_text('{"question": "t1", "answer": "3"}\n')
+    assert [e["answer"] for e in load_examples(DataSettings(dataset=str(hub)))] == ["1", "2"]
+    assert [e["answer"] for e in load_examples(DataSettings(dataset=str(hub), split="test"))] == ["3"]
+
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list([{"question": "q", "answer": "7"}]),
+                 "test": Dataset.from_list([{"question": "t", "answer": "8"}])}).save_to_disk(saved)  # fmt: skip
+    assert load_examples(DataSettings(dataset=str(saved), split="test"))[0]["answer"] == "8"
+    with pytest.raises(GrpoError, match=r"has no split 'validation' \(splits: train, test\): use --split NAME"):
+        load_examples(DataSettings(dataset=str(saved), split="validation"))
+    single = tmp_path / "single"
+    Dataset.from_list([{"question": "q", "answer": "9"}]).save_to_disk(single)
+    assert load_examples(DataSettings(dataset=str(single)))[0]["answer"] == "9"
+
+
+def test_globbed_files_and_conversational_rows(tmp_path, write_jsonl):
+    write_jsonl([{"question": "a", "answer": "1"}], "part-1.jsonl")
+    write_jsonl([{"question": "b", "answer": "2"}], "part-2.jsonl")
+    examples = load_examples(DataSettings(dataset=str(tmp_path / "part-*.jsonl")))
+    assert sorted(e["answer"] for e in examples) == ["1", "2"]
+    with pytest.raises(GrpoError, match="no file matches"):
+        load_examples(DataSettings(dataset=str(tmp_path / "nothing-*.jsonl")))
+
+    chat = [{"role": "user", "content": "2+2?"}]
+    write_jsonl([{"prompt": chat, "answer": "4"}, {"prompt": [{"role": "system", "content": "Own."}] + chat,
+                                                   "answer": "4"}], "chat.jsonl")  # fmt: skip
+    plain, own = load_examples(DataSettings(dataset=str(tmp_path / "chat.jsonl"), system_prompt="Sys."))
+    assert plain["prompt"] == [{"role": "system", "content": "Sys."}] + chat  # added: it had none
+    assert own["prompt"][0] == {"role": "system", "content": "Own."} and len(own["prompt"]) == 2
+
+
+def test_an_offline_hub_id_says_what_to_pass_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    started = __import__("time").monotonic()
+    with pytest.raises(GrpoError, match=r"someorg/no-such-data is a hub data set and the hub is offline here .*: "
+                                        r"download it where the hub is reachable"):  # fmt: skip
+        load_examples(DataSettings(dataset="someorg/no-such-data"))
+    assert __import__("time").monotonic() - started < 30  # no minute of retries
