@@ -64,6 +64,14 @@ def train(
     limit: Annotated[int | None, typer.Option(help="Use only the first N examples.")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Where checkpoints, metrics and the adapter go.")] = None,
     report_to: Annotated[str | None, typer.Option(help="Logger: tensorboard, wandb, trackio or none.")] = None,
+    eval_steps: Annotated[
+        int | None, typer.Option(help="Score the adapter on held-out prompts before step 1 and every N steps.")
+    ] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Held-out prompts an evaluation scores (100).")] = None,
+    eval_dataset: Annotated[str | None, typer.Option(help="Data set to evaluate on (default: this one).")] = None,
+    eval_split: Annotated[
+        str | None, typer.Option(help="Its split (default: test if it has one, else a slice held out).")
+    ] = None,
     save_steps: Annotated[int | None, typer.Option(help="Save a checkpoint every N steps.")] = None,
     resume: Annotated[str | None, typer.Option(help="Continue a run: 'latest' or a checkpoint-N directory.")] = None,
     resume_anyway: Annotated[
@@ -93,7 +101,8 @@ def train(
         lora_rank=lora_rank, lora_alpha=lora_alpha, gpu_memory_utilization=gpu_memory_utilization, vllm_standby=standby, beta=beta, epsilon=epsilon,
         num_iterations=num_iterations, loss_type=loss_type, temperature=temperature, seed=seed,
         limit=limit, output_dir=output_dir, save_steps=save_steps, stop_on_no_signal=stop_on_no_signal,
-        report_to=report_to,
+        report_to=report_to, eval_steps=eval_steps, eval_limit=eval_limit, eval_dataset=eval_dataset,
+        eval_split=eval_split,
     )  # fmt: skip
     settings = load_settings(str(config) if config else None, flags)
     if dry_run:

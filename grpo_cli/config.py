@@ -50,6 +50,8 @@ class DataSettings:
         default_factory=lambda: ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]
     )
     limit: int | None = None
+    eval_dataset: str | None = None  # for evaluation during training; none: this data set
+    eval_split: str | None = None  # none: its test split when it has one, else a slice held out from training
     reward_timeout: float | None = 60.0  # seconds a reward call may take; none: no limit
     reward_nan: str = "error"  # or "skip": a NaN/inf reward leaves that sample out of that reward
 
@@ -79,6 +81,8 @@ class TrainSettings:
     max_grad_norm: float = 0.1
     logging_steps: int = 1
     report_to: str = "none"
+    eval_steps: int | None = None  # score the adapter on held-out prompts before step 1 and every N steps
+    eval_limit: int = 100  # held-out prompts an evaluation scores
     no_signal_steps: int = 10  # warn when no group has had any reward spread for this many steps in a row
     stop_on_no_signal: bool = False  # then stop, with a checkpoint
     extra: dict = field(default_factory=dict)  # any other GRPOConfig field, from a recipe
@@ -195,6 +199,7 @@ def validate(s: Settings) -> None:
         ("lora_rank", m.lora_rank),
         ("save_steps", t.save_steps),
         ("no_signal_steps", t.no_signal_steps),
+        ("eval_limit", t.eval_limit),
     ]:
         if value is None or value <= 0:
             raise GrpoError(f"{name} must be a positive integer, got {value}")
@@ -232,6 +237,8 @@ def validate(s: Settings) -> None:
         raise GrpoError(
             f"reward_timeout must be a positive number of seconds, got {d.reward_timeout}: the default is 60"
         )
+    if t.eval_steps is not None and t.eval_steps <= 0:
+        raise GrpoError(f"eval_steps must be a positive integer, got {t.eval_steps}: try 10")
     if t.report_to not in LOGGERS:
         raise GrpoError(f"report_to {t.report_to!r} is not a logger grpo knows: use {', '.join(LOGGERS)}")
     if not d.rewards:

@@ -212,3 +212,30 @@ def load_examples(settings: DataSettings, tokenizer=None) -> list[dict]:
             )
         examples = kept
     return examples
+
+
+def eval_examples(settings: DataSettings, train: list[dict], limit: int, seed: int, tokenizer=None):
+    """Held-out prompts for evaluation during training -> (examples, the training examples left, a description).
+    The eval data set or split when given; else the data set's test split when it has one; else a seeded slice
+    of the training examples, which training then does without."""
+    import dataclasses
+
+    named = settings.eval_dataset or settings.eval_split
+    source = dataclasses.replace(
+        settings, dataset=settings.eval_dataset or settings.dataset, split=settings.eval_split or "test", limit=limit
+    )
+    path = Path(source.dataset).expanduser()
+    splits = source.dataset == GENERATED or path.is_dir() or not (path.suffix or glob.has_magic(source.dataset))
+    if named or splits:
+        try:
+            return load_examples(source, tokenizer), train, f"{source.dataset} ({source.split})"
+        except GrpoError:
+            if named:
+                raise
+    rng = random.Random(seed)
+    order = rng.sample(range(len(train)), len(train))
+    held = set(order[: min(limit, len(train) // 5)])  # at most a fifth of the training data
+    if not held:
+        raise GrpoError(f"{len(train)} training prompts leave none to hold out for evaluation: give --eval-dataset")
+    kept = [e for i, e in enumerate(train) if i not in held]
+    return [train[i] for i in sorted(held)], kept, f"{len(held)} prompts held out from the training data (seed {seed})"

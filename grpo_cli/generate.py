@@ -133,6 +133,9 @@ class TransformersEngine:
     def inert(self, text: str) -> bool:
         return bool(self.lora_dir) and adapter_changes_nothing(self.model, self.tokenizer, text)
 
+    def follow(self) -> None:
+        """Generate with the adapter being trained, as it is now: the model is that adapter already."""
+
 
 class VLLMEngine:
     """Unsloth's vLLM engine (``fast_generate`` on a model loaded with ``fast_inference=True``). The adapter rides
@@ -168,6 +171,11 @@ class VLLMEngine:
 
     def inert(self, text: str) -> bool:
         return False  # vLLM gives no cheap look at the next-token distribution with and without the adapter
+
+    def follow(self) -> None:
+        """Generate with the adapter being trained, as it is now: Unsloth's load_lora on the PEFT model reads its
+        tensors into a LoRA request."""
+        self.lora_request = self.model.load_lora("grpo-live", load_tensors=True)
 
 
 ENGINES = {"transformers": TransformersEngine, "vllm": VLLMEngine}

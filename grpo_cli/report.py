@@ -60,7 +60,8 @@ def append_samples(output_dir: Path, step: int, logs: dict, count: int = 4) -> N
 
 
 def plot(output_dir: Path) -> Path | None:
-    """rewards.png: mean reward (total and each function) and completion length over steps."""
+    """rewards.png: mean reward (total and each function) and completion length over steps, and the held-out
+    accuracy when the run evaluates while training."""
     rows = read_metrics(output_dir)
     if not rows:
         return None
@@ -69,8 +70,13 @@ def plot(output_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    held_out = [r for r in rows if "eval_accuracy" in r]
+    rows = [r for r in rows if "reward" in r]
+    if not rows:
+        return None
     steps = [r["step"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    panels = 3 if held_out else 2
+    fig, (top, bottom, *evaluation) = plt.subplots(panels, 1, figsize=(8, 3 * panels), sharex=True)
     top.plot(steps, [r["reward"] for r in rows], color="black", linewidth=2, label="total")
     for key in (k for k in rows[-1] if k.startswith("rewards/") and k.endswith("/mean")):
         top.plot(steps, [r.get(key) for r in rows], linewidth=1, label=key.split("/")[1])
@@ -79,8 +85,16 @@ def plot(output_dir: Path) -> Path | None:
     top.grid(alpha=0.3)
     bottom.plot(steps, [r.get("completions/mean_length") for r in rows], color="tab:gray")
     bottom.set_ylabel("completion length (tokens)")
-    bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
+    for panel in evaluation:  # held-out accuracy and format rate, from step 0 (before training)
+        at = [r["step"] for r in held_out]
+        panel.plot(at, [r["eval_accuracy"] for r in held_out], marker="o", color="tab:green", label="accuracy")
+        panel.plot(at, [r["eval_format_rate"] for r in held_out], marker=".", color="tab:blue", label="format rate")
+        panel.set_ylabel("held-out (greedy)")
+        panel.set_ylim(0, 1)
+        panel.legend(fontsize=8, loc="best")
+        panel.grid(alpha=0.3)
+    (evaluation or [bottom])[-1].set_xlabel("step")
     fig.suptitle(f"{Path(output_dir).name}: {len(rows)} steps")
     fig.tight_layout()
     buffer = io.BytesIO()

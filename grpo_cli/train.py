@@ -199,10 +199,12 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
             skipped = sum(getattr(f, "skipped", 0) for f in reward_funcs)  # reward_nan: skip
             nan = f"nan skipped {skipped - self.skipped}" if skipped > self.skipped else None
             self.skipped = skipped
+            held_out = eval_line(logs) if "eval_accuracy" in logs else None
             line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length, nan,
-                    seconds]  # fmt: skip
+                    seconds, held_out]  # fmt: skip
             console.print(" | ".join(part for part in line if part))
-            status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length) if part)
+            accuracy = f"eval acc {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else None
+            status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length, accuracy) if part)
             self.progress.update(self.task, completed=step, status=status)
 
     return StepLog()
@@ -292,6 +294,62 @@ def no_signal_watch(steps: int, stop: bool):
     return NoSignal()
 
 
+def held_out_eval(settings: Settings, examples: list[dict], tokenizer, output_dir: Path, engine: str):
+    """A callback that scores the adapter being trained on held-out prompts, greedy, with the run's system prompt,
+    in the engine training generates with: before step 1, then every ``eval_steps`` steps. Its accuracy, format
+    rate, mean length and cost go into that step's log (metrics, step line, loggers, plot)."""
+    from rich.console import Console
+    from transformers import TrainerCallback
+
+    from grpo_cli.evaluate import score, summarize
+    from grpo_cli.generate import ENGINES, Sampling
+
+    texts = [tokenizer.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in examples]
+    greedy = Sampling(greedy=True, max_tokens=settings.train.max_completion_length)
+    every = settings.train.eval_steps
+
+    class HeldOut(TrainerCallback):
+        trainer = None
+        pending = None
+
+        def evaluate(self) -> dict:
+            started = time.time()
+            model = self.trainer.model
+            generator = ENGINES[engine](model, tokenizer, None)
+            generator.follow()
+            model.eval()
+            try:
+                completions = generator.generate(texts, greedy, adapter=True)
+            finally:
+                model.train()  # TRL logs a step's metrics as training ones only while the model is in training mode
+            summary = summarize(score(completions, examples, [], tokenizer), [])
+            return {f"eval_{k}": v for k, v in summary.items()} | {"eval_seconds": time.time() - started}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                metrics = self.evaluate()
+                report.append_metrics(output_dir, {"step": 0, **metrics})
+                Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0:
+                self.pending = self.evaluate()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.pending and logs is not None and "reward" in logs:
+                logs.update(self.pending)  # the loggers after this callback, and StepLog, see it with the step
+                self.pending = None
+
+    return HeldOut()
+
+
+def eval_line(logs: dict) -> str:
+    return (
+        f"eval accuracy {logs['eval_accuracy']:.1%} format {logs['eval_format_rate']:.1%} "
+        f"length {logs['eval_mean_length']:.1f} ({logs['eval_seconds']:.0f}s)"
+    )
+
+
 def train(settings: Settings, resume: str | bool = False, overwrite: bool = False, resume_anyway: bool = False) -> Path:
     """Run GRPO as the settings say; returns the adapter directory."""
     # Check the input before anything is loaded or written
@@ -327,6 +385,13 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     from datasets import Dataset
 
     examples = load_examples(settings.data, tokenizer)
+    if settings.train.eval_steps:
+        from grpo_cli.data import eval_examples
+
+        held_out, examples, described = eval_examples(
+            settings.data, examples, settings.train.eval_limit, settings.train.seed, tokenizer
+        )
+        print(f"Evaluating before step 1 and every {settings.train.eval_steps} steps on {described}")
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
 
     with runs.locked(output_dir):  # from here on the folder is this run's alone
@@ -353,6 +418,10 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         )
         log.trainer = watch.trainer = trainer
         trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
+        if settings.train.eval_steps:  # first, so that every logger sees the held-out figures with the step's
+            evaluator = held_out_eval(settings, held_out, tokenizer, output_dir, models.engine(settings.model))
+            evaluator.trainer = trainer
+            trainer.callback_handler.callbacks.insert(0, evaluator)
         write_json(output_dir / MANIFEST, manifest)
         if checkpoint:
             report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
@@ -371,9 +440,15 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         if failure is not None:
             raise rescue(trainer, model, manifest, output_dir, failure) from failure
 
-        # Save adapter
+        # Save adapter, with the held-out figures before training and at the last evaluation
         history = [h for h in trainer.state.log_history if "reward" in h]
         manifest.update(step=trainer.state.global_step, last_reward=history[-1]["reward"] if history else None)
+        evals = [r for r in report.read_metrics(output_dir) if "eval_accuracy" in r]
+        if len(evals) > 1 and evals[0]["step"] == 0:
+            manifest["eval"] = {
+                key: {"base": evals[0][f"eval_{key}"], "adapter": evals[-1][f"eval_{key}"]}
+                for key in ("accuracy", "format_rate", "mean_length")
+            }
         adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
         plot = report.plot(output_dir)
     print(f"Trained {trainer.state.global_step} steps in {time.time() - started:.0f}s; adapter saved to {adapter}")

@@ -5,6 +5,7 @@ import functools
 import importlib
 import importlib.util
 import math
+import signal
 import threading
 from pathlib import Path
 
@@ -137,26 +138,35 @@ def checked(func, timeout: float | None = None, nan: str = "error"):
     return wrapper
 
 
+class _Expired(Exception):
+    pass
+
+
 def _call(func, timeout: float | None, **kwargs):
-    """``func(**kwargs)``, in a daemon thread when a timeout is set, so that a hung reward cannot hold the run."""
-    if not timeout:
+    """``func(**kwargs)``; past ``timeout`` seconds a timer interrupts it with a signal (SIGUSR1), so that a hung
+    reward cannot hold the run. The call stays in the main thread: rewards that use signals themselves (math-verify
+    times its parsing with SIGALRM) keep working. Elsewhere than the main thread there is no limit."""
+    if not timeout or threading.current_thread() is not threading.main_thread():
         return func(**kwargs)
-    result = {}
 
-    def run():
+    def expire(signum, frame):
+        raise _Expired
+
+    previous = signal.signal(signal.SIGUSR1, expire)
+    timer = threading.Timer(timeout, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1))
+    timer.daemon = True
+    timer.start()
+    try:
+        return func(**kwargs)
+    except _Expired:
+        raise TimeoutError(timeout) from None
+    finally:
+        timer.cancel()
         try:
-            result["value"] = func(**kwargs)
-        except BaseException as exc:  # handed to the caller's thread
-            result["error"] = exc
-
-    worker = threading.Thread(target=run, name="reward", daemon=True)
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise TimeoutError(timeout)
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+            timer.join()
+        except _Expired:  # it fired as the call returned: the call is complete
+            pass
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def _first_failing(func, prompts, completions, kwargs) -> str:

@@ -138,3 +138,24 @@ def test_an_offline_hub_id_says_what_to_pass_at_once(monkeypatch):
                                         r"download it where the hub is reachable"):  # fmt: skip
         load_examples(DataSettings(dataset="someorg/no-such-data"))
     assert __import__("time").monotonic() - started < 30  # no minute of retries
+
+
+def test_eval_set_is_the_test_split_else_a_seeded_slice_held_out_from_training(write_jsonl):
+    from grpo_cli.data import eval_examples
+
+    train = load_examples(DataSettings(limit=50))
+    held, kept, described = eval_examples(DataSettings(), train, limit=10, seed=1)
+    assert described == "arithmetic (test)" and len(held) == 10 and kept == train  # the generated set has a test split
+
+    path = write_jsonl([{"question": f"q{i}", "answer": str(i)} for i in range(40)])
+    train = load_examples(DataSettings(dataset=str(path)))
+    held, kept, described = eval_examples(DataSettings(dataset=str(path)), train, limit=5, seed=1)
+    assert described == "5 prompts held out from the training data (seed 1)"
+    assert len(kept) == 35 and not {e["answer"] for e in held} & {e["answer"] for e in kept}
+    assert eval_examples(DataSettings(dataset=str(path)), train, limit=5, seed=1)[0] == held  # seeded
+
+    other = write_jsonl([{"question": "e", "answer": "9"}], "eval.jsonl")
+    held, kept, described = eval_examples(DataSettings(dataset=str(path), eval_dataset=str(other)), train, 5, 1)
+    assert [e["answer"] for e in held] == ["9"] and kept == train
+    with pytest.raises(GrpoError, match="has no split 'dev'"):
+        eval_examples(DataSettings(eval_split="dev", dataset=str(path.parent)), train, 5, 1)

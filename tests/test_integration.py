@@ -1,6 +1,7 @@
 """The real commands on the embedded SmolLM2-135M, on CPU, with tiny settings."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
         "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "2e-2", "--save-steps", "1",
         "--system-prompt", "Answer in one short sentence.", "--limit", "8",
         "--reward", "answer_tag", "--reward", "tests/length_reward.py:longer:0.5", "--output-dir", str(out),
-        "--report-to", "tensorboard",
+        "--report-to", "tensorboard", "--eval-steps", "2", "--eval-limit", "4",
     )  # fmt: skip
     return out, result.stdout
 
@@ -48,7 +49,7 @@ def test_train_prints_steps_and_writes_adapter_and_metrics(run):
     card = ModelCard.load(out / "adapter" / "README.md")  # the adapter documents itself
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and "for 2 steps" in card.text
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2] and "rewards/longer/mean" in metrics[0]
+    assert [m["step"] for m in metrics if "reward" in m] == [1, 2] and "rewards/longer/mean" in metrics[-1]
 
 
 def test_tensorboard_holds_reward_per_reward_means_and_kl(run):
@@ -59,6 +60,17 @@ def test_tensorboard_holds_reward_per_reward_means_and_kl(run):
     assert {"train/reward", "train/rewards/answer_tag_reward/mean", "train/rewards/longer/mean", "train/kl"} <= set(
         scalars
     )
+    assert {"eval/accuracy", "eval/format_rate", "eval/mean_length"} <= set(scalars)
+
+
+def test_held_out_evaluation_before_and_during_training(run):
+    out, stdout = run
+    assert "Evaluating before step 1 and every 2 steps on arithmetic (test)" in stdout
+    assert "step 0/2 | eval accuracy" in stdout and re.search(r"step 2/2 \| reward .* \| eval accuracy", stdout)
+    evals = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 2] and all(0 <= m["eval_format_rate"] <= 1 for m in evals)
+    card = (out / "adapter" / "README.md").read_text()
+    assert "## Held-out evaluation" in card and "| accuracy |" in card
 
 
 def test_lora_weights_moved(run):
@@ -79,7 +91,9 @@ def test_manifest(run):
 def test_save_lora_from_a_checkpoint_and_refuse_overwrite(run, tmp_path):
     out = tmp_path / "lora"
     grpo("save-lora", str(run[0] / "checkpoint-1"), str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "grpo.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "grpo.json"
+    ]  # fmt: skip
     assert json.loads((out / "grpo.json").read_text())["step"] == 1
     before = (out / "adapter_model.safetensors").read_bytes()
     refused = grpo("save-lora", str(run[0]), str(out), check=False)

@@ -49,3 +49,15 @@ def test_samples(tmp_path):
     report.append_samples(tmp_path, 7, logs)
     lines = [json.loads(line) for line in (tmp_path / "completions.jsonl").read_text().splitlines()]
     assert lines[1] == {"step": 7, "prompt": "2+3?", "completion": "6", "rewards": {"answer_tag": 0.0}}
+
+
+def test_plot_adds_the_held_out_accuracy(tmp_path):
+    report.append_metrics(tmp_path, {"step": 0, "eval_accuracy": 0.1, "eval_format_rate": 0.2})
+    for row in rows(4):
+        report.append_metrics(
+            tmp_path, row | ({"eval_accuracy": 0.5, "eval_format_rate": 0.9} if row["step"] == 4 else {})
+        )
+    png = report.plot(tmp_path)
+    from PIL import Image
+
+    assert Image.open(png).size == (800, 900)  # three panels: rewards, length, held-out accuracy
