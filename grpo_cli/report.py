@@ -91,7 +91,7 @@ def plot(output_dir: Path) -> Path | None:
         panel.plot(at, [r["eval_accuracy"] for r in held_out], marker="o", color="tab:green", label="accuracy")
         panel.plot(at, [r["eval_format_rate"] for r in held_out], marker=".", color="tab:blue", label="format rate")
         panel.set_ylabel("held-out (greedy)")
-        panel.set_ylim(0, 1)
+        panel.set_ylim(0, 1.05)
         panel.legend(fontsize=8, loc="best")
         panel.grid(alpha=0.3)
     (evaluation or [bottom])[-1].set_xlabel("step")
