@@ -161,8 +161,8 @@ def _call(func, timeout: float | None, **kwargs):
     except _Expired:
         raise TimeoutError(timeout) from None
     finally:
-        timer.cancel()
         try:
+            timer.cancel()
             timer.join()
         except _Expired:  # it fired as the call returned: the call is complete
             pass
