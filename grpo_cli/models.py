@@ -132,10 +132,9 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
 
     name = resolve_model(settings.model)
     four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
+    chosen = four_bit is None
     if four_bit is None:
         four_bit = cuda_available()
-        if not four_bit:
-            print("CPU: loading 16-bit weights, faster than 4-bit here (load_in_4bit: true in a recipe forces 4-bit)")
     kwargs = dict(
         model_name=name,
         max_seq_length=settings.max_seq_length,
@@ -153,6 +152,8 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
                 f"pass a local path, or use the embedded {EMBEDDED}"
             ) from exc
         raise GrpoError(f"could not load model {settings.model}: {str(exc).splitlines()[0][:200]}") from exc
+    if chosen and not four_bit:
+        print(cpu_precision_line(model.dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not cuda_available() and model.config._attn_implementation == "sdpa" and model.dtype != torch.float32:
@@ -162,6 +163,22 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     # 0.44 s a call for a 49k vocabulary on 2 cores, 4 ms once the input is contiguous.
     model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
     return model, tokenizer
+
+
+def cpu_precision_line(dtype) -> str:
+    """What the CPU load chose, truthfully: Unsloth loads bf16 only where the CPU computes it natively.
+
+    >>> import torch
+    >>> cpu_precision_line(torch.float32)
+    'CPU: float32 weights (this CPU has no native bf16, so Unsloth keeps fp32); load_in_4bit: true in a recipe loads 4-bit instead'
+    """
+    name = str(dtype).replace("torch.", "")
+    why = (
+        "this CPU computes bf16 natively"
+        if name == "bfloat16"
+        else "this CPU has no native bf16, so Unsloth keeps fp32"
+    )
+    return f"CPU: {name} weights ({why}); load_in_4bit: true in a recipe loads 4-bit instead"
 
 
 def fp32_cpu_attention() -> str:
