@@ -63,7 +63,8 @@ def _from_files(pattern: str) -> list[dict]:
     """Local data files (one, or several through a glob) of one format, with ``datasets``."""
     from datasets import load_dataset
 
-    files = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(pattern) else [pattern]
+    where = str(Path(pattern).expanduser())
+    files = sorted(glob.glob(where)) if glob.has_magic(pattern) else [where]
     if not files or not Path(files[0]).is_file():
         what = "no file matches" if glob.has_magic(pattern) else "does not exist"
         raise GrpoError(f"data file {pattern} {what}: give an existing {', '.join(BUILDERS)} file, or a glob of them")
@@ -76,8 +77,8 @@ def _from_files(pattern: str) -> list[dict]:
     if all(Path(f).stat().st_size == 0 for f in files):
         raise GrpoError(f"data file {pattern} holds no rows: give a file with at least one example")
     options = {}
-    if suffix == ".json" and Path(files[0]).read_text().lstrip().startswith("{"):
-        options["field"] = "data"  # {"data": [...]}
+    if suffix == ".json" and _one_object_with_data(Path(files[0])):
+        options["field"] = "data"  # {"data": [...]}; a .json of one object a line is read as JSON lines
     try:
         return list(load_dataset(BUILDERS[suffix], data_files=files, split="train", **options))
     except Exception as exc:
@@ -86,6 +87,14 @@ def _from_files(pattern: str) -> list[dict]:
             raise GrpoError(f"{bad} line {line} is not valid JSON: fix or remove that line") from exc
         cause = str(exc.__cause__ or exc).splitlines()[0][:120]
         raise GrpoError(f"{pattern} could not be read as {suffix[1:]} ({cause}): check the file") from exc
+
+
+def _one_object_with_data(path: Path) -> bool:
+    try:
+        whole = json.loads(path.read_text())
+    except ValueError:
+        return False
+    return isinstance(whole, dict) and isinstance(whole.get("data"), list)
 
 
 def _pick_split(data, split: str, where: str):

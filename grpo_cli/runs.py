@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -15,6 +16,7 @@ LOCK = ".grpo.lock"
 ERROR_LOG = "error.log"
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors")
 # a resume that changes these trains something else than the run it continues
+STEP = re.compile(r"checkpoint-(\d+)$")
 MEANING = {"model": ["model"], "data": ["dataset", "rewards"], "train": ["num_generations"]}
 
 
@@ -54,7 +56,10 @@ def check_lock(output_dir: Path) -> None:
 def acquire_lock(output_dir: Path) -> Path:
     """Claim the folder for this process; refuse if another live run holds it, take over a stale lock."""
     lock = Path(output_dir) / LOCK
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GrpoError(f"cannot create {output_dir} ({exc.strerror}): give an --output-dir you can write to") from exc
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -115,8 +120,8 @@ def broken(checkpoint: Path) -> str | None:
 
 def latest_good_checkpoint(output_dir: Path) -> str | None:
     """The newest checkpoint that is whole; each broken one newer than it is named and passed over."""
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for checkpoint in found:
+    found = {int(m[1]): p for p in Path(output_dir).glob("checkpoint-*") if (m := STEP.match(p.name)) and p.is_dir()}
+    for _, checkpoint in sorted(found.items(), reverse=True):
         why = broken(checkpoint)
         if why is None:
             return str(checkpoint)
@@ -169,9 +174,9 @@ def save_checkpoint(trainer, output_dir: Path) -> Path | None:
     try:
         trainer.args.output_dir = str(tmp)
         trainer._save_checkpoint(trainer.model, trial=None)
+        shutil.rmtree(final, ignore_errors=True)
+        (tmp / final.name).rename(final)
     finally:
         trainer.args.output_dir = run_dir
-    shutil.rmtree(final, ignore_errors=True)
-    (tmp / final.name).rename(final)
-    shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import time
+import traceback
 from pathlib import Path
 
 from grpo_cli import report, runs
@@ -74,7 +75,10 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
         args.setdefault("fp16", not bf16)
     if vllm:
         args["use_vllm"] = True
-    return GRPOConfig(**args)
+    try:
+        return GRPOConfig(**args)
+    except ValueError as exc:  # TRL's own checks (batch sizes against num_generations and the like)
+        raise GrpoError(f"the trainer settings do not fit together: {str(exc).splitlines()[0]}") from exc
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool):
@@ -394,6 +398,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         print(f"Evaluating before step 1 and every {settings.train.eval_steps} steps on {described}")
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
 
+    config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
     with runs.locked(output_dir):  # from here on the folder is this run's alone
         # Build trainer
         from transformers import PrinterCallback
@@ -402,7 +407,6 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
             for path in output_dir.iterdir():
                 if path.name != runs.LOCK:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-        config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
         t = settings.train
         trainer = trainer_class(cpu=not models.cuda_available())(
             model=model,
@@ -464,19 +468,31 @@ def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception)
     in error.log; returns the one-line error to raise, with its exit code."""
     kind, code = runs.failure_kind(failure)
     log = runs.write_error_log(output_dir, failure)
-    if code == 5:
+    for callback in trainer.callback_handler.callbacks:  # the progress bar would hold the terminal
+        if getattr(callback, "progress", None) is not None:
+            callback.progress.stop()
+    if code == 5:  # the failed step's tensors live on in the traceback's frames: free them before saving
+        import gc
+
         import torch
 
+        traceback.clear_frames(failure.__traceback__)
+        gc.collect()
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     step = trainer.state.global_step
-    checkpoint = runs.save_checkpoint(trainer, output_dir)
-    saved = "nothing to save (no step completed)"
-    if checkpoint is not None:
-        history = [h for h in trainer.state.log_history if "reward" in h]
-        manifest.update(step=step, last_reward=history[-1]["reward"] if history else None)
-        adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
-        report.plot(output_dir)
-        saved = f"saved {checkpoint.name} and the adapter ({adapter})"
+    checkpoint = None
+    try:
+        checkpoint = runs.save_checkpoint(trainer, output_dir)
+        saved = "nothing to save (no step completed)"
+        if checkpoint is not None:
+            history = [h for h in trainer.state.log_history if "reward" in h]
+            manifest.update(step=step, last_reward=history[-1]["reward"] if history else None)
+            adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
+            report.plot(output_dir)
+            saved = f"saved {checkpoint.name} and the adapter ({adapter})"
+    except Exception as exc:  # saving failed too (a full disk, memory): say so, keep the first cause
+        kept = f"{checkpoint.name} was saved, " if checkpoint else ""
+        saved = f"{kept}saving failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     cause = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
     again = f"grpo train --resume latest --output-dir {output_dir}" if checkpoint else "grpo train --overwrite ..."
     return runs.RunFailed(

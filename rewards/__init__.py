@@ -109,13 +109,13 @@ def checked(func, timeout: float | None = None, nan: str = "error"):
     def wrapper(prompts, completions, **kwargs):
         try:
             values = _call(func, timeout, prompts=prompts, completions=completions, **kwargs)
-        except TimeoutError as exc:
+        except RewardTimeout as exc:
             raise RewardError(
                 f"reward {name} took longer than {timeout:g}s on {len(completions)} completions: make it faster, "
                 "or raise reward_timeout in the recipe"
             ) from exc
         except Exception as exc:
-            example = _first_failing(func, prompts, completions, kwargs)
+            example = _first_failing(func, timeout, prompts, completions, kwargs)
             raise RewardError(
                 f"reward {name} raised {type(exc).__name__}: {exc} on {example!r}: fix the reward function"
             ) from exc
@@ -138,7 +138,11 @@ def checked(func, timeout: float | None = None, nan: str = "error"):
     return wrapper
 
 
-class _Expired(Exception):
+class RewardTimeout(Exception):
+    """A reward call ran past its time limit (our own, so a reward's own TimeoutError is reported as raised)."""
+
+
+class _Expired(BaseException):  # BaseException: a reward's ``except Exception`` cannot swallow the interrupt
     pass
 
 
@@ -148,33 +152,35 @@ def _call(func, timeout: float | None, **kwargs):
     times its parsing with SIGALRM) keep working. Elsewhere than the main thread there is no limit."""
     if not timeout or threading.current_thread() is not threading.main_thread():
         return func(**kwargs)
+    done = False
 
     def expire(signum, frame):
-        raise _Expired
+        if not done:  # a signal that lands after the call returned is absorbed
+            raise _Expired
 
     previous = signal.signal(signal.SIGUSR1, expire)
     timer = threading.Timer(timeout, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1))
     timer.daemon = True
-    timer.start()
     try:
-        return func(**kwargs)
-    except _Expired:
-        raise TimeoutError(timeout) from None
-    finally:
+        timer.start()
         try:
-            timer.cancel()
-            timer.join()
-        except _Expired:  # it fired as the call returned: the call is complete
-            pass
-        signal.signal(signal.SIGUSR1, previous)
+            return func(**kwargs)
+        finally:
+            done = True
+    except _Expired:
+        raise RewardTimeout(timeout) from None
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL if previous is None else previous)
 
 
-def _first_failing(func, prompts, completions, kwargs) -> str:
+def _first_failing(func, timeout, prompts, completions, kwargs) -> str:
     for i in range(len(completions)):
         one = {k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
         try:
-            func(prompts=prompts[i : i + 1], completions=completions[i : i + 1], **one)
-        except Exception:
+            _call(func, timeout, prompts=prompts[i : i + 1], completions=completions[i : i + 1], **one)
+        except (Exception, _Expired):
             text = completions[i] if isinstance(completions[i], str) else completions[i][-1]["content"]
             return text[:80]
     return "the batch"

@@ -54,8 +54,16 @@ def test_json_and_parquet(tmp_path):
     rows = [{"question": "q", "answer": "1"}]
     (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    for name in ("d.json", "d.parquet"):
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows * 2))
+    for name in ("d.json", "d.parquet", "lines.json"):
         assert load_examples(DataSettings(dataset=str(tmp_path / name)))[0]["answer"] == "1"
+
+
+def test_a_home_relative_file_and_glob(tmp_path, monkeypatch, write_jsonl):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl([{"question": "q", "answer": "1"}], "d.jsonl")
+    for name in ("~/d.jsonl", "~/*.jsonl"):
+        assert load_examples(DataSettings(dataset=name))[0]["answer"] == "1"
 
 
 def test_max_prompt_length_drops_long_prompts(write_jsonl, fake_tokenizer, capsys):

@@ -23,6 +23,25 @@ def test_a_reward_past_its_timeout_stops_with_its_name():
         checked(slow_reward, timeout=0.2)(prompts=["p", "p"], completions=["a", "b"])
 
 
+def test_a_reward_that_catches_everything_still_times_out_and_its_own_timeout_is_its_own():
+    def swallowing(prompts, completions, **kwargs):
+        try:
+            time.sleep(30)
+        except Exception:
+            return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match=r"reward swallowing took longer than 0.2s"):
+        checked(swallowing, timeout=0.2)(prompts=["p"], completions=["a"])
+
+    def own_timeout(prompts, completions, **kwargs):
+        raise TimeoutError("the grader's server did not answer")
+
+    with pytest.raises(RewardError, match=r"reward own_timeout raised TimeoutError: the grader's server did not"):
+        checked(own_timeout, timeout=5)(prompts=["p"], completions=["a"])
+    assert checked(lambda prompts, completions: [1.0], timeout=0.05)(prompts=["p"], completions=["a"]) == [1.0]
+    time.sleep(0.1)  # the cancelled timer never interrupts what runs after the call
+
+
 def test_a_nan_reward_is_an_error_naming_the_completion_unless_skipped():
     def shaky(prompts, completions, **kwargs):
         return [1.0 if c == "fine" else math.nan for c in completions]
