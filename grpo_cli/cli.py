@@ -104,7 +104,7 @@ def train(
         report_to=report_to, eval_steps=eval_steps, eval_limit=eval_limit, eval_dataset=eval_dataset,
         eval_split=eval_split,
     )  # fmt: skip
-    settings = load_settings(str(config) if config else None, flags)
+    settings = load_settings(str(config) if config else None, flags, announce=not resume)
     if dry_run:
         return check_rewards(settings)
     if resume:  # continue with the run's own settings; flags given now still win

@@ -18,13 +18,36 @@ Respond in the following format:
 </answer>
 """
 
+# The embedded 135M model learns with these, not with the 8B reference above: it rarely gets the XML format or the
+# arithmetic right by chance, so a one-shot example in the system prompt, a shaped format reward, a reward for
+# working with the question's own numbers (without it the model learns to copy the example's answer), a LoRA
+# learning rate far above the 8B recipe's, and no reference model (beta 0: no extra forward pass on CPU).
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_SETTINGS = {
+    "system_prompt": "Solve the math problem. Write the calculation, then the result inside <answer></answer> tags.\n"
+    "Example:\nQuestion: Mia has 3 cards and gets 4 more. How many cards does Mia have now?\n3 + 4 = 7 <answer>7</answer>",
+    "rewards": ["answer_tag", "numbers_used", "numeric_correctness"],
+    "lora_rank": 16,
+    "max_seq_length": 512,
+    "max_prompt_length": 192,
+    "max_completion_length": 40,
+    "num_generations": 8,
+    "per_device_train_batch_size": 16,
+    "learning_rate": 3.0e-4,
+    "beta": 0.0,
+    "warmup_ratio": 0.05,
+    "temperature": 0.7,
+    "max_steps": 30,
+    "save_steps": 10,
+}
+
 LOGGERS = ["none", "tensorboard", "wandb", "trackio"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
 class ModelSettings:
-    model: str = "smollm2-135m"
+    model: str = EMBEDDED_MODEL
     max_seq_length: int = 1024
     load_in_4bit: bool | None = None  # None: 4-bit on CUDA; 16-bit on CPU, where it measured faster
     lora_rank: int = 32
@@ -160,15 +183,23 @@ def read_recipe(path: str) -> dict:
     return values
 
 
-def load_settings(config: str | None = None, flags: dict | None = None, saved: dict | None = None) -> Settings:
-    """Defaults (or a saved run's settings), then the YAML recipe, then the flags given (None: not given)."""
+def load_settings(
+    config: str | None = None, flags: dict | None = None, saved: dict | None = None, announce: bool = True
+) -> Settings:
+    """Defaults (or a saved run's settings), then the YAML recipe, then the flags given (None: not given). On the
+    embedded model the defaults are the settings it learns with (EMBEDDED_SETTINGS), said in one line."""
     settings, others = Settings(), {}
+    recipe = read_recipe(config) if config else {}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
     for section in ("model", "data", "train") if saved else ():
         apply(settings, {k: v for k, v in saved[section].items() if k != "extra"}, "the saved run", others)
         settings.train.extra.update(saved[section].get("extra", {}))
-    if config:
-        apply(settings, read_recipe(config), config, others)
-    apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "the command line", others)
+    if not saved and flags.get("model", recipe.get("model", EMBEDDED_MODEL)) == EMBEDDED_MODEL:
+        apply(settings, EMBEDDED_SETTINGS, "the embedded model's settings", others)
+        if announce:
+            print(embedded_line({**recipe, **flags}))
+    apply(settings, recipe, config, others)
+    apply(settings, flags, "the command line", others)
     unsloth_environment(settings.model)
     check_others(others)
     prompt = settings.data.system_prompt
@@ -179,6 +210,17 @@ def load_settings(config: str | None = None, flags: dict | None = None, saved: d
         settings.data.system_prompt = path.read_text()
     validate(settings)
     return settings
+
+
+def embedded_line(given: dict) -> str:
+    """One line on what a run on the embedded model starts from."""
+    e = EMBEDDED_SETTINGS
+    replaced = sorted(set(e) & set(given))
+    return (
+        f"{EMBEDDED_MODEL}: starting from the settings it learns with, not the 8B reference (one-shot system prompt; "
+        f"rewards {', '.join(e['rewards'])}; lr {e['learning_rate']:g}; {e['max_completion_length']}-token "
+        f"completions; {e['max_steps']} steps)" + (f"; replaced here: {', '.join(replaced)}" if replaced else "")
+    )
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import pytest
 
-from grpo_cli.config import SYSTEM_PROMPT, load_settings
+from grpo_cli.config import EMBEDDED_SETTINGS, SYSTEM_PROMPT, load_settings
 from grpo_cli.errors import GrpoError
 
 
@@ -11,7 +13,7 @@ def recipe(tmp_path, text):
 
 
 def test_defaults_are_the_reference_recipe():
-    s = load_settings()
+    s = load_settings(flags={"model": "qwen2.5-1.5b"})
     assert (s.train.num_generations, s.train.learning_rate, s.train.lr_scheduler_type) == (6, 5e-6, "cosine")
     assert (s.train.optim, s.train.max_steps, s.model.lora_rank) == ("paged_adamw_8bit", 250, 32)
     assert s.model.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -19,9 +21,24 @@ def test_defaults_are_the_reference_recipe():
     assert s.data.rewards == ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]
 
 
+def test_the_embedded_model_starts_from_the_settings_it_learns_with_and_says_so(tmp_path, capsys):
+    s = load_settings()
+    assert s.data.rewards == EMBEDDED_SETTINGS["rewards"] and s.train.learning_rate == 3e-4
+    assert (s.train.max_completion_length, s.train.beta, s.train.max_steps) == (40, 0.0, 30)
+    assert "smollm2-135m: starting from the settings it learns with, not the 8B reference" in capsys.readouterr().out
+    s = load_settings(recipe(tmp_path, "learning_rate: 1.0e-4\n"), {"max_steps": 5})
+    assert (s.train.learning_rate, s.train.max_steps, s.data.rewards) == (1e-4, 5, EMBEDDED_SETTINGS["rewards"])
+    assert "replaced here: learning_rate, max_steps" in capsys.readouterr().out
+    for path in ("recipes/qwen2.5-1.5b-gsm8k.yaml", "recipes/llama3.1-8b-gsm8k.yaml"):  # the reference stays
+        s = load_settings(str(Path(__file__).parents[1] / path))
+        assert (
+            "correctness" in s.data.rewards and s.train.learning_rate == 5e-6 and s.data.system_prompt == SYSTEM_PROMPT
+        )
+
+
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     path = recipe(tmp_path, "max_steps: 10\nlearning_rate: 1.0e-5\nlora_rank: 8\nsave_total_limit: 2\n")
-    s = load_settings(path, {"max_steps": 3, "lora_rank": None})
+    s = load_settings(path, {"max_steps": 3, "lora_rank": None, "model": "qwen2.5-1.5b"})
     assert s.train.max_steps == 3  # flag beats YAML
     assert s.train.learning_rate == 1e-5  # YAML beats default
     assert s.model.lora_rank == 8  # a flag left out (None) does not override
@@ -49,7 +66,7 @@ def test_system_prompt_from_file(tmp_path):
         ({"max_completion_length": -5}, "max_completion_length must be a positive integer"),
         ({"learning_rate": 0.0}, "learning_rate must be positive"),
         ({"lora_rank": 64, "max_lora_rank": 32}, "lora_rank 64 is above max_lora_rank 32"),
-        ({"max_prompt_length": 900}, "exceeds max_seq_length 1024"),
+        ({"max_prompt_length": 900, "model": "qwen2.5-1.5b"}, "exceeds max_seq_length 1024"),
         ({"rewards": []}, "no reward given"),
     ],
 )  # fmt: skip
@@ -59,8 +76,6 @@ def test_validation_says_how_to_fix(flags, message):
 
 
 def test_recipes_load(tmp_path):
-    from pathlib import Path
-
     for path in sorted(Path(__file__).parents[1].glob("recipes/*.yaml")):
         assert path.read_text().startswith("# grpo train --config"), path
         load_settings(str(path))
@@ -69,7 +84,7 @@ def test_recipes_load(tmp_path):
 def test_recipe_names_trl_dropped_still_work():
     from grpo_cli.train import grpo_config
 
-    s = load_settings(flags={"warmup_ratio": 0.1, "max_steps": 20, "output_dir": "unused"})
+    s = load_settings(flags={"warmup_ratio": 0.1, "max_steps": 20, "output_dir": "unused", "model": "qwen2.5-1.5b"})
     config = grpo_config(s, cpu=True, vllm=False)
     assert config.warmup_steps == 0.1 and config.get_warmup_steps(20) == 2
     assert config.optim in ("adamw_torch", "adamw_torch_fused") and config.use_cpu  # paged 8-bit needs CUDA
