@@ -55,6 +55,46 @@ def merged_lora(model):
 
 
 @contextmanager
+def packed_linears(model, rows: int):
+    """While generating on CPU, each linear layer's weight pre-packed for oneDNN where that measured faster on this
+    machine (grpo_cli/cpu.py): the weights are packed after any LoRA fold, so each generate call packs them anew."""
+    import torch
+
+    from grpo_cli import cpu
+
+    linears = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear
+        and m.weight.device.type == "cpu"
+        and m.weight.dtype in (torch.float32, torch.bfloat16)
+    ]
+    if not linears or not cpu.packed_linear_faster([m.weight for m in linears], rows):
+        yield
+        return
+    with torch.no_grad():
+        for m in linears:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
+            m.forward = lambda x, p=packed, b=m.bias: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward  # the class's own forward again
+
+
+@contextmanager
+def cpu_generation(model, rows: int):
+    """Generation on CPU: the LoRA folded into the weights, the weights packed where that is faster, and fast
+    sampling. Elsewhere nothing changes."""
+    if model.device.type != "cpu":
+        yield
+        return
+    with merged_lora(model), packed_linears(model, rows), fast_sampling():
+        yield
+
+
+@contextmanager
 def fast_sampling():
     """On CPU, torch.multinomial draws an exponential for every vocabulary entry: 8 ms a token for 8 rows of a 49k
     vocabulary on 2 cores. One uniform a row against the cumulative distribution draws from the same distribution
@@ -94,7 +134,7 @@ def generate_hf(model, tokenizer, texts: list[str], sampling: Sampling, batch_si
             texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
         )
         batch = batch.to(model.device)
-        with torch.no_grad(), merged_lora(model), fast_sampling():
+        with torch.no_grad(), cpu_generation(model, len(batch["input_ids"])):
             ids = model.generate(
                 **batch, max_new_tokens=sampling.max_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
             )

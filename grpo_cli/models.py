@@ -165,20 +165,35 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     return model, tokenizer
 
 
-def cpu_precision_line(dtype) -> str:
-    """What the CPU load chose, truthfully: Unsloth loads bf16 only where the CPU computes it natively.
+def cpu_precision_line(dtype, kind: str | None = None) -> str:
+    """What the CPU load chose and why, from the dtype actually loaded and the CPU's kind (grpo_cli/cpu.py).
 
     >>> import torch
-    >>> cpu_precision_line(torch.float32)
-    'CPU: float32 weights (this CPU has no native bf16, so Unsloth keeps fp32); load_in_4bit: true in a recipe loads 4-bit instead'
+    >>> cpu_precision_line(torch.float32, "avx2")
+    'CPU (avx2): float32 weights, as this CPU has no native bf16 (fp32 is faster here); load_in_4bit: true loads 4-bit'
+    >>> cpu_precision_line(torch.bfloat16, "avx512_bf16")
+    'CPU (avx512_bf16): bfloat16 weights, as this CPU computes bf16 natively; load_in_4bit: true loads 4-bit'
     """
+    from grpo_cli import cpu
+
+    kind = kind or cpu.kind()
+    native = kind in ("amx", "avx512_bf16", "arm")
     name = str(dtype).replace("torch.", "")
-    why = (
-        "this CPU computes bf16 natively"
-        if name == "bfloat16"
-        else "this CPU has no native bf16, so Unsloth keeps fp32"
-    )
-    return f"CPU: {name} weights ({why}); load_in_4bit: true in a recipe loads 4-bit instead"
+    if name == "bfloat16":
+        why = (
+            "as this CPU computes bf16 natively"
+            if native
+            else "though this CPU emulates bf16 (slow; UNSLOTH_CPU_BF16=0 for fp32)"
+        )
+    elif name == "float32":
+        why = (
+            "as this CPU has no native bf16 (fp32 is faster here)"
+            if not native
+            else "though this CPU computes bf16 natively (UNSLOTH_CPU_BF16 unset is faster)"
+        )
+    else:
+        why = "as loaded"
+    return f"CPU ({kind}): {name} weights, {why}; load_in_4bit: true loads 4-bit"
 
 
 def fp32_cpu_attention() -> str:

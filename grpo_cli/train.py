@@ -114,7 +114,7 @@ def trainer_class(cpu: bool):
     import torch
     from trl import GRPOTrainer
 
-    from grpo_cli.generate import fast_sampling, merged_lora
+    from grpo_cli.generate import cpu_generation
 
     class Trainer(GRPOTrainer):
         def compute_loss(self, *args, **kwargs):
@@ -131,9 +131,9 @@ def trainer_class(cpu: bool):
         return Trainer
 
     class CPUTrainer(Trainer):
-        def _generate_single_turn(self, *args, **kwargs):
-            with merged_lora(self.model), fast_sampling():
-                return super()._generate_single_turn(*args, **kwargs)
+        def _generate_single_turn(self, prompts, *args, **kwargs):
+            with cpu_generation(self.model, len(prompts)):
+                return super()._generate_single_turn(prompts, *args, **kwargs)
 
         def _get_per_token_logps_and_entropies(
             self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,

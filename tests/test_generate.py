@@ -84,3 +84,61 @@ def test_fp32_cpu_attention_matches_sdpa_forward_and_backward(tiny_llama):
         logits[0, 3:], logits32[0, 3:], atol=0.05
     )
     assert torch.allclose(grad, grad32, atol=0.05 * grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linears_are_the_same_function_with_the_fold_and_put_forward_back(lora_model, dtype, monkeypatch):
+    from grpo_cli.cpu import _packs
+    from grpo_cli.generate import cpu_generation
+
+    monkeypatch.setenv("GRPO_PACKED_LINEAR", "1")  # packed where oneDNN can, whatever this machine measures
+    model = lora_model.to(dtype)
+    ids = torch.randint(0, 64, (3, 10))
+    with torch.no_grad():
+        unmerged = model(ids).logits.float()
+        with cpu_generation(model, rows=3):
+            assert ("forward" in vars(model.base_model.model.lm_head)) == _packs(dtype)  # bf16 needs AVX-512
+            packed = model(ids).logits.float()
+    assert torch.allclose(packed, unmerged, atol=1e-4 if dtype == torch.float32 else 0.05)
+    assert not any("forward" in vars(m) for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits.float(), unmerged)
+
+
+def test_the_packed_choice_is_measured_once_and_cached(tmp_path, monkeypatch, capsys):
+    from grpo_cli import cpu
+
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
+    monkeypatch.delenv("GRPO_PACKED_LINEAR", raising=False)
+    weights = [torch.randn(96, 64), torch.randn(64, 96)]
+    first = cpu.packed_linear_faster(weights, rows=4)
+    assert "generation at batch 4 uses" in capsys.readouterr().out
+    assert cpu.packed_linear_faster(weights, rows=4) == first and capsys.readouterr().out == ""  # from the cache
+    monkeypatch.setenv("GRPO_PACKED_LINEAR", "0")
+    assert cpu.packed_linear_faster(weights, rows=4) is False
+
+
+@pytest.mark.parametrize(
+    "flags, kind, dtype",
+    [({"avx2", "fma"}, "avx2", "float32"), ({"avx2", "avx512f", "avx512bw"}, "avx512", "float32"),
+     ({"avx512f", "avx512_bf16"}, "avx512_bf16", "bfloat16"), ({"avx512f", "amx_bf16", "amx_tile"}, "amx", "bfloat16")],
+)  # fmt: skip
+def test_the_dtype_line_is_true_on_each_kind(monkeypatch, flags, kind, dtype):
+    """Unsloth picks the CPU dtype from the CPU's flags; the line grpo prints must name that dtype and the right
+    reason for the same flags."""
+    import unsloth  # noqa: F401  (unsloth_zoo needs it first)
+    from unsloth_zoo.cpu import loader, runtime
+
+    from grpo_cli import cpu
+    from grpo_cli.models import cpu_precision_line
+
+    monkeypatch.delenv("UNSLOTH_CPU_BF16", raising=False)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    runtime.cpu_bf16_supported.cache_clear()  # Unsloth caches its answer
+    monkeypatch.setattr(loader, "cpu_bf16_supported", runtime.cpu_bf16_supported.__wrapped__)
+    monkeypatch.setattr(cpu, "flags", lambda: flags)
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    chosen = loader._resolve_dtype(None)  # what FastLanguageModel.from_pretrained loads on CPU
+    assert str(chosen) == f"torch.{dtype}"
+    native = "computes bf16 natively" if dtype == "bfloat16" else "has no native bf16"
+    assert cpu_precision_line(chosen).startswith(f"CPU ({kind}): {dtype} weights, as this CPU {native}")
