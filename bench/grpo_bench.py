@@ -28,7 +28,7 @@ def arguments(argv=None):
         "--arch", choices=sorted(ARCHS), help="a real architecture at its real size, random weights (built once)"
     )
     p.add_argument("--layers", type=int, help="with --arch: fewer layers (a quick check of the bench itself)")
-    p.add_argument("--steps", type=int, default=6, help="steps per run; the first is warm-up and not counted")
+    p.add_argument("--steps", type=int, default=5, help="steps per run; the first is warm-up and not counted")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of both engines")
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--prompts", type=int, default=1, help="prompts per step")
@@ -47,6 +47,10 @@ def arguments(argv=None):
         help="plain's compute dtype (default: bf16 on GPU, fp32 on CPU, as transformers loads it there)",
     )
     p.add_argument("--seed", type=int, default=3407)
+    p.add_argument("--budget", type=float, default=540, help="seconds; no round starts that would end past it")
+    p.add_argument(
+        "--results", default="auto", help="markdown file for the figures (auto: bench/results/<machine kind>.md; none)"
+    )
     return p.parse_args(argv)
 
 
@@ -203,7 +207,8 @@ def one_run(args) -> dict:
                 completions = args.generations * args.prompts
                 steps.append({"step_time": logs["step_time"], "generation": sum(generation_seconds),
                               "logp_grad": sum(logp_seconds[True]), "logp_nograd": sum(logp_seconds[False]),
-                              "completion_tokens": logs["completions/mean_length"] * completions})  # fmt: skip
+                              "completion_tokens": logs["completions/mean_length"] * completions,
+                              "completion_max": logs["completions/max_length"]})  # fmt: skip
                 generation_seconds.clear()
                 logp_seconds[True].clear()
                 logp_seconds[False].clear()
@@ -259,6 +264,10 @@ def one_run(args) -> dict:
         "generation_tokens_per_s": sum(s["completion_tokens"] for s in counted) / sum(s["generation"] for s in counted),
         "training_tokens_per_s": sum(tokens) / sum(s["step_time"] - s["generation"] for s in counted),
         "peak_memory_gib": peak, "memory_kind": "GPU allocated" if not cpu else "peak RSS",
+        "tokens": {"completion": statistics.median(s["completion_tokens"] for s in counted),
+                   "completion_max": statistics.median(s["completion_max"] for s in counted),
+                   "prompt": statistics.median(tokens) / (args.generations * args.prompts)
+                   - statistics.median(s["completion_tokens"] for s in counted) / (args.generations * args.prompts)},
         "profile": {part: statistics.median(s[key] for s in counted) for part, key in
                     [("generation", "generation"), ("log-prob forward, no grad", "logp_nograd"),
                      ("log-prob forward for the loss", "logp_grad")]}
@@ -267,9 +276,79 @@ def one_run(args) -> dict:
     }  # fmt: skip
 
 
+def linear_shapes(model: str) -> list[tuple[int, int, int]]:
+    """(out, in, count) of every linear weight in the model's forward, LM head included, from its config."""
+    from transformers import AutoConfig
+
+    from grpo_cli.models import resolve_model
+
+    c = AutoConfig.from_pretrained(resolve_model(model))
+    h, i, n = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    head = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q, kv = c.num_attention_heads * head, c.num_key_value_heads * head
+    return [(q, h, n), (h, q, n), (kv, h, 2 * n), (i, h, 2 * n), (h, i, n), (c.vocab_size, h, 1)]
+
+
+def measure_machine(model: str, rows: int) -> dict:
+    """The machine's own figures in the dtype grpo computes in: memory read bandwidth (the best of summing 1 GiB)
+    and matmul throughput at the model's shapes with ``rows`` rows (the best of torch's linear and oneDNN's packed
+    linear, each shape timed once and counted as often as the model has it)."""
+    import torch
+
+    from grpo_cli import cpu
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() or cpu.kind() in ("amx", "avx512_bf16") else torch.float32
+    gib = torch.ones(2**28, dtype=torch.float32)
+    bandwidth = gib.numel() * 4 / cpu._time(gib.sum, 3)
+    del gib
+    shapes, seconds, flops = linear_shapes(model), 0.0, 0.0
+    with torch.no_grad():
+        for out, inp, count in shapes:
+            w, x = torch.randn(out, inp, dtype=dtype), torch.randn(rows, inp, dtype=dtype)
+            best = cpu._time(lambda w=w, x=x: torch.nn.functional.linear(x, w), 3)
+            if cpu._packs(dtype):
+                p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+                best = min(
+                    best, cpu._time(lambda p=p, x=x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), 3)
+                )
+            seconds += count * best
+            flops += count * 2 * rows * out * inp
+    params = sum(out * inp * count for out, inp, count in shapes)
+    return {"dtype": str(dtype).replace("torch.", ""), "bandwidth": bandwidth, "flops": flops / seconds,
+            "params": params, "bytes": params * dtype.itemsize, "rows": rows}  # fmt: skip
+
+
+def step_bound(machine: dict, tokens: dict, completions: int, generations: int) -> dict:
+    """A GRPO step's lower bound on this machine (seconds): generation reads every weight once a decoded token for
+    the whole batch, or computes its FLOPs, whichever is slower, plus each prompt's prefill once; the loss forward and
+    backward (input gradients through the frozen base; LoRA's own are small) cost 4 FLOPs a weight a token, the
+    prompt counted once a group. Attention and the optimizer are left out: small at these lengths."""
+    p, f = machine["params"], machine["flops"]
+    decode = tokens["completion_max"] * max(machine["bytes"] / machine["bandwidth"], 2 * p * completions / f)
+    prefill = 2 * p * tokens["prompt"] * completions / generations / f  # each prompt once
+    loss = 4 * p * (tokens["prompt"] + tokens["completion"]) / f
+    return {"generation": decode + prefill, "loss forward + backward": loss, "step": decode + prefill + loss}
+
+
 def compare(args) -> None:
+    import platform
+
+    from grpo_cli import cpu
+
+    began = time.time()
+    machine = None  # the bound is a CPU figure: on a GPU only the comparison
+    if not torch_cuda():
+        machine = measure_machine(args.model, rows=args.generations * args.prompts * args.completion_length)
+        print(f"machine: {cpu.describe()}; {machine['dtype']}: memory read {machine['bandwidth'] / 1e9:.1f} GB/s, "
+              f"matmul {machine['flops'] / 1e9:.1f} GFLOP/s at the model's shapes x {machine['rows']} rows", flush=True)  # fmt: skip
     results = {"grpo": [], "plain": []}
+    rounds = 0
     for round_ in range(args.rounds):
+        took = (time.time() - began) / max(rounds, 1)
+        if rounds and time.time() - began + took > args.budget:
+            print(f"stopping after {rounds} of {args.rounds} rounds: another would pass the {args.budget:.0f} s budget")
+            break
+        rounds += 1
         for engine in ("grpo", "plain"):
             cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
             print(f"round {round_ + 1}/{args.rounds}: {engine} ...", flush=True)
@@ -281,24 +360,69 @@ def compare(args) -> None:
     keys = [("step_time", "median step time (s)"), ("generation_tokens_per_s", "generation tokens/s"),
             ("training_tokens_per_s", "training tokens/s"), ("peak_memory_gib", "peak memory (GiB)")]  # fmt: skip
     med = {e: {k: statistics.median(r[k] for r in rs) for k, _ in keys} for e, rs in results.items()}
-    print(f"\nmodel {args.arch + ' (random weights)' if args.arch else args.model}, {args.prompts} prompt(s) x {args.generations} completions x {args.completion_length} tokens, "
-          f"LoRA r{args.lora_rank}, {args.steps - 1} counted steps x {args.rounds} rounds")  # fmt: skip
-    print(f"grpo: {results['grpo'][0]['note']}; plain: {results['plain'][0]['note']}")
-    print(f"memory: {results['grpo'][0]['memory_kind']}")
-    print(f"{'':28}{'grpo':>12}{'plain':>12}{'grpo/plain':>12}")
+    completions = args.generations * args.prompts
+    lines = [f"model {args.arch + ' (random weights)' if args.arch else args.model}, {args.prompts} prompt(s) x {args.generations} completions x {args.completion_length} tokens, "
+             f"LoRA r{args.lora_rank}, {args.steps - 1} counted steps x {rounds} rounds",
+             f"grpo: {results['grpo'][0]['note']}; plain: {results['plain'][0]['note']}",
+             f"memory: {results['grpo'][0]['memory_kind']}", "",
+             "| | grpo | plain | grpo/plain |", "| --- | --- | --- | --- |"]  # fmt: skip
     for key, label in keys:
         g, p = med["grpo"][key], med["plain"][key]
-        print(f"{label:28}{g:12.2f}{p:12.2f}{g / p:12.2f}")
-    print("\nwhere a step's time goes (median seconds):")
-    print(f"{'':36}{'grpo':>10}{'plain':>10}")
+        lines.append(f"| {label} | {g:.2f} | {p:.2f} | {g / p:.2f} |")
+    lines += ["", "| where a step's time goes (median s) | grpo | plain |", "| --- | --- | --- |"]
     for part in results["grpo"][0]["profile"]:
         g = statistics.median(r["profile"][part] for r in results["grpo"])
         p = statistics.median(r["profile"][part] for r in results["plain"])
-        print(f"{part:36}{g:10.2f}{p:10.2f}")
-    if med["grpo"]["step_time"]:
-        print(
-            f"speed-up (plain step time / grpo step time): {med['plain']['step_time'] / med['grpo']['step_time']:.2f}x"
+        lines.append(f"| {part} | {g:.2f} | {p:.2f} |")
+    lines += [
+        "",
+        f"speed-up (plain step time / grpo step time): {med['plain']['step_time'] / med['grpo']['step_time']:.2f}x",
+    ]
+    if machine:
+        tokens = {k: statistics.median(r["tokens"][k] for r in results["grpo"]) for k in results["grpo"][0]["tokens"]}
+        bound = step_bound(machine, tokens, completions, args.generations)
+        flags = " ".join(sorted(f for f in cpu.flags() if f.startswith(("avx", "amx", "fma", "f16c"))))
+        lines += [
+            f"bound a step: {bound['step']:.2f} s = generation {bound['generation']:.2f} (decoding "
+            f"{tokens['completion_max']:.0f} tokens x {completions} at the memory or FLOP limit, and the "
+            f"{tokens['prompt']:.0f}-token prompts) + loss forward and backward {bound['loss forward + backward']:.2f}",
+            f"step time / bound: grpo {med['grpo']['step_time'] / bound['step']:.2f}, "
+            f"plain {med['plain']['step_time'] / bound['step']:.2f}",
+            f"machine: {cpu.describe()}; flags: {flags}",
+            f"measured: memory read {machine['bandwidth'] / 1e9:.1f} GB/s; {machine['dtype']} matmul "
+            f"{machine['flops'] / 1e9:.1f} GFLOP/s at the model's shapes x {machine['rows']} rows (the best of torch "
+            f"and oneDNN); {machine['params'] / 1e6:.0f}M weights in the linear layers",
+        ]
+    print("\n" + "\n".join(lines))
+    if args.results != "none":
+        import datetime
+        from importlib.metadata import version
+
+        path = Path(
+            args.results if args.results != "auto" else Path(__file__).parent / "results" / f"{machine_kind()}.md"
         )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        versions = ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "trl", "peft", "unsloth"))
+        path.write_text(
+            f"# {machine_kind()}\n\n`{' '.join(['python bench/grpo_bench.py', *sys.argv[1:]])}`"
+            f" on {datetime.date.today()}, {time.time() - began:.0f} s in all; {versions}; Python "
+            f"{platform.python_version()}\n\n" + "\n".join(lines) + "\n"
+        )
+        print(f"written to {path}")
+
+
+def torch_cuda() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+
+
+def machine_kind() -> str:
+    """The results file's name: the GPU's name, or cpu-<kind> (avx2, avx512, avx512_bf16, amx, arm)."""
+    from grpo_cli import cpu
+
+    name = torch_cuda() or f"cpu-{cpu.kind()}"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower())
 
 
 if __name__ == "__main__":

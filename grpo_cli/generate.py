@@ -54,43 +54,63 @@ def merged_lora(model):
             layer.merged_adapters.clear()
 
 
+def _linears(model) -> list:
+    """(module, weight) for each linear layer on CPU, the weight a LoRA layer computes with unfolded."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    bases = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, Linear)}
+    found = [
+        (m, m.get_base_layer().weight if isinstance(m, Linear) else m.weight)
+        for m in model.modules()
+        if isinstance(m, Linear) or (type(m) is torch.nn.Linear and id(m) not in bases)
+    ]
+    return [(m, w) for m, w in found if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)]
+
+
+def _folded(module, weight):
+    """The weight a layer computes with now: a LoRA layer's active adapter folded in, as ``merged_lora`` does."""
+    from peft.tuners.lora import Linear
+
+    if not isinstance(module, Linear) or module.merged or module.disable_adapters or len(module.active_adapters) != 1:
+        return weight
+    return weight + module.get_delta_weight(module.active_adapters[0]).to(weight.dtype)
+
+
 @contextmanager
 def packed_linears(model, rows: int):
-    """While generating on CPU, each linear layer's weight pre-packed for oneDNN where that measured faster on this
-    machine (grpo_cli/cpu.py): the weights are packed after any LoRA fold, so each generate call packs them anew."""
+    """While generating, each linear layer computes with its weight (the adapter folded in) pre-packed for oneDNN,
+    where that measured faster on this machine (grpo_cli/cpu.py); elsewhere the LoRA is folded into the weights
+    (``merged_lora``). Packing happens at each call: the adapter changes between calls while training."""
     import torch
 
     from grpo_cli import cpu
 
-    linears = [
-        m
-        for m in model.modules()
-        if type(m) is torch.nn.Linear
-        and m.weight.device.type == "cpu"
-        and m.weight.dtype in (torch.float32, torch.bfloat16)
-    ]
-    if not linears or not cpu.packed_linear_faster([m.weight for m in linears], rows):
-        yield
+    layers = _linears(model)
+    if not layers or not cpu.packed_linear_faster([w for _, w in layers], rows):
+        with merged_lora(model):
+            yield
         return
     with torch.no_grad():
-        for m in linears:
-            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
-            m.forward = lambda x, p=packed, b=m.bias: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
+        for module, weight in layers:
+            bias = getattr(module.get_base_layer() if hasattr(module, "get_base_layer") else module, "bias", None)
+            packed = torch.ops.mkldnn._reorder_linear_weight(_folded(module, weight), rows)
+            module.forward = lambda x, p=packed, b=bias: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
     try:
         yield
     finally:
-        for m in linears:
-            del m.forward  # the class's own forward again
+        for module, _ in layers:
+            del module.forward  # the class's own forward again
 
 
 @contextmanager
 def cpu_generation(model, rows: int):
-    """Generation on CPU: the LoRA folded into the weights, the weights packed where that is faster, and fast
-    sampling. Elsewhere nothing changes."""
+    """Generation on CPU: the LoRA folded into the weights, packed where that is faster, and fast sampling.
+    Elsewhere nothing changes."""
     if model.device.type != "cpu":
         yield
         return
-    with merged_lora(model), packed_linears(model, rows), fast_sampling():
+    with packed_linears(model, rows), fast_sampling():
         yield
 
 
