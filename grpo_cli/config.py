@@ -215,7 +215,7 @@ def load_settings(
 def embedded_line(given: dict) -> str:
     """One line on what a run on the embedded model starts from."""
     e = EMBEDDED_SETTINGS
-    replaced = sorted(set(e) & set(given))
+    replaced = sorted(key for key in set(e) & set(given) if given[key] != e[key])
     return (
         f"{EMBEDDED_MODEL}: starting from the settings it learns with, not the 8B reference (one-shot system prompt; "
         f"rewards {', '.join(e['rewards'])}; lr {e['learning_rate']:g}; {e['max_completion_length']}-token "

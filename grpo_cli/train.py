@@ -114,7 +114,7 @@ def trainer_class(cpu: bool):
     import torch
     from trl import GRPOTrainer
 
-    from grpo_cli.generate import cpu_generation
+    from grpo_cli.generate import cpu_generation, prompts_prefilled_once
 
     class Trainer(GRPOTrainer):
         def compute_loss(self, *args, **kwargs):
@@ -132,7 +132,7 @@ def trainer_class(cpu: bool):
 
     class CPUTrainer(Trainer):
         def _generate_single_turn(self, prompts, *args, **kwargs):
-            with cpu_generation(self.model, len(prompts)):
+            with cpu_generation(self.model, len(prompts)), prompts_prefilled_once(self.model):
                 return super()._generate_single_turn(prompts, *args, **kwargs)
 
         def _get_per_token_logps_and_entropies(

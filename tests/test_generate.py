@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grpo_cli.generate import fast_sampling, merged_lora
-from grpo_cli.models import fp32_cpu_attention
+from grpo_cli.models import cpu_attention
 
 
 @pytest.fixture
@@ -68,22 +68,23 @@ def test_fast_sampling_draws_from_the_distribution_and_restores_multinomial():
     assert (draws[1] == 3).all()
 
 
-def test_fp32_cpu_attention_matches_sdpa_forward_and_backward(tiny_llama):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_attention_matches_sdpa_forward_and_backward(tiny_llama, dtype):
+    tiny_llama.to(dtype)
     ids = torch.randint(0, 64, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding, as in generation
     outputs = {}
-    for implementation in ("sdpa", fp32_cpu_attention()):
+    for implementation in ("sdpa", cpu_attention()):
         tiny_llama.set_attn_implementation(implementation)
         tiny_llama.zero_grad()
         logits = tiny_llama(ids, attention_mask=mask).logits.float()
         logits[1].logsumexp(-1).sum().backward()
         outputs[implementation] = logits.detach(), tiny_llama.model.layers[0].self_attn.q_proj.weight.grad.float()
     (logits, grad), (logits32, grad32) = outputs.values()
-    assert torch.allclose(logits[1], logits32[1], atol=0.05) and torch.allclose(
-        logits[0, 3:], logits32[0, 3:], atol=0.05
-    )
-    assert torch.allclose(grad, grad32, atol=0.05 * grad.abs().max().item())
+    tol = 1e-4 if dtype == torch.float32 else 0.05  # bf16: sdpa computes in bf16, ours in fp32
+    assert torch.allclose(logits[1], logits32[1], atol=tol) and torch.allclose(logits[0, 3:], logits32[0, 3:], atol=tol)
+    assert torch.allclose(grad, grad32, atol=tol * grad.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -142,3 +143,43 @@ def test_the_dtype_line_is_true_on_each_kind(monkeypatch, flags, kind, dtype):
     assert str(chosen) == f"torch.{dtype}"
     native = "computes bf16 natively" if dtype == "bfloat16" else "has no native bf16"
     assert cpu_precision_line(chosen).startswith(f"CPU ({kind}): {dtype} weights, as this CPU {native}")
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_repeated_prompts_prefilled_once_give_the_same_tokens(lora_model, sample):
+    from grpo_cli.generate import prompts_prefilled_once
+
+    model = lora_model.to(torch.float32)
+    ids = torch.randint(3, 64, (2, 9))
+    ids[0, :3] = 0  # left padding on the first prompt
+    mask = (ids != 0).long()
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)  # G = 3, as TRL lays them out
+    kwargs = dict(max_new_tokens=6, do_sample=sample, pad_token_id=0, eos_token_id=None)
+    torch.manual_seed(0)
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kw: calls.append(len(kw["input_ids"])), with_kwargs=True)
+    with prompts_prefilled_once(model):
+        torch.manual_seed(0)
+        shared = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert calls[0] == 2  # the prefill ran on the 2 distinct prompts, not on 6 rows
+    assert torch.equal(shared, plain)
+    assert "generate" not in vars(model)
+
+
+def test_a_common_opening_runs_once_and_gives_the_same_tokens(lora_model):
+    from grpo_cli.generate import prefix_once
+
+    model = lora_model.to(torch.float32)
+    torch.manual_seed(1)
+    opening = torch.randint(3, 64, (20,)).tolist()
+    tokens = [opening + torch.randint(3, 64, (n,)).tolist() for n in (3, 7, 5)]
+    width = max(map(len, tokens))
+    ids = torch.tensor([[0] * (width - len(t)) + t for t in tokens])  # plain left padding
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), **kwargs)
+        batch = prefix_once(model, tokens, pad=0)
+        assert batch["past_key_values"].get_seq_length() == 20  # the opening, once
+        shared = model.generate(**batch, **kwargs)
+    assert torch.equal(shared[:, -6:], plain[:, -6:])
