@@ -91,6 +91,7 @@ def packed_linears(model, rows: int):
         with merged_lora(model):
             yield
         return
+    before = {module: vars(module).get("forward") for module, _ in layers}  # hooks someone set stay
     with torch.no_grad():
         for module, weight in layers:
             bias = getattr(module.get_base_layer() if hasattr(module, "get_base_layer") else module, "bias", None)
@@ -99,8 +100,11 @@ def packed_linears(model, rows: int):
     try:
         yield
     finally:
-        for module, _ in layers:
-            del module.forward  # the class's own forward again
+        for module, forward in before.items():
+            if forward is None:
+                del module.forward  # the class's own forward again
+            else:
+                module.forward = forward
 
 
 @contextmanager
@@ -140,11 +144,15 @@ def prompts_prefilled_once(model):
         cache.batch_select_indices(rows)
         return generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
 
+    before = vars(model).get("generate")  # a wrapper someone set on this model stays
     model.generate = sharing
     try:
         yield
     finally:
-        del model.generate
+        if before is None:
+            del model.generate
+        else:
+            model.generate = before
 
 
 @contextmanager

@@ -165,6 +165,10 @@ def test_repeated_prompts_prefilled_once_give_the_same_tokens(lora_model, sample
     assert calls[0] == 2  # the prefill ran on the 2 distinct prompts, not on 6 rows
     assert torch.equal(shared, plain)
     assert "generate" not in vars(model)
+    model.generate = wrapper = lambda **kwargs: None  # a wrapper set before (a profiler's, say) is kept
+    with prompts_prefilled_once(model):
+        pass
+    assert model.generate is wrapper
 
 
 def test_a_common_opening_runs_once_and_gives_the_same_tokens(lora_model):
