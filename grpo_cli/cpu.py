@@ -103,7 +103,9 @@ def packed_linear_faster(weights: list, rows: int) -> bool:
     plain = packed = 0.0
     with torch.no_grad():
         for w in one:
-            x = torch.randn(rows, w.shape[1], dtype=w.dtype)
+            x = torch.randn(
+                rows, w.shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(0)
+            )  # not the run's RNG
             p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
             count = sum(tuple(v.shape) == tuple(w.shape) for v in weights)
             plain += count * _time(lambda x=x, w=w: torch.nn.functional.linear(x, w))

@@ -104,6 +104,7 @@ def fake_unsloth(monkeypatch, tmp_path):
             config=types.SimpleNamespace(_attn_implementation="sdpa", to_dict=lambda: {"hidden_size": 8}),
             dtype=torch.float32,
             get_output_embeddings=lambda: torch.nn.Linear(2, 2),
+            set_attn_implementation=lambda name: seen.update(attention=name),
         )
         return model, types.SimpleNamespace(pad_token=None, eos_token="</s>")
 
@@ -231,6 +232,7 @@ def test_cpu_load_does_not_ask_for_vllm(monkeypatch, fake_unsloth):
     monkeypatch.setattr(models, "cuda_available", lambda: False)
     _, tokenizer = models.load_model(ModelSettings(model=path))
     assert "fast_inference" not in seen and tokenizer.pad_token == "</s>"
+    assert seen["attention"] == "sdpa_cpu"
     assert seen["load_in_4bit"] is False  # 16-bit is faster on CPU; a recipe can force 4-bit
     models.load_model(ModelSettings(model=path, load_in_4bit=True))
     assert seen["load_in_4bit"] is True

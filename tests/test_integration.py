@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     (root / "recipe.yaml").write_text("warmup_ratio: 0.0\nmax_grad_norm: 1.0\n")
     result = grpo(
         "train", "--config", str(root / "recipe.yaml"), "--max-steps", "2", "--num-generations", "4", "--batch-size", "4",
-        "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "2e-2", "--save-steps", "1",
+        "--max-completion-length", "16", "--lora-rank", "8", "--learning-rate", "2e-2", "--save-steps", "1", "--beta", "0.04",
         "--system-prompt", "Answer in one short sentence.", "--limit", "8",
         "--reward", "answer_tag", "--reward", "tests/length_reward.py:longer:0.5", "--output-dir", str(out),
         "--report-to", "tensorboard", "--eval-steps", "2", "--eval-limit", "4",
