@@ -88,7 +88,7 @@ def train(
 ) -> None:
     """Train a LoRA adapter with GRPO."""
     from grpo_cli.adapter import read_manifest
-    from grpo_cli.config import load_settings
+    from grpo_cli.config import TrainSettings, load_settings, read_recipe
     from grpo_cli.train import train as run
 
     flags = dict(
@@ -104,16 +104,17 @@ def train(
         report_to=report_to, eval_steps=eval_steps, eval_limit=eval_limit, eval_dataset=eval_dataset,
         eval_split=eval_split,
     )  # fmt: skip
-    settings = load_settings(str(config) if config else None, flags, announce=not resume)
+    recipe = str(config) if config else None
+    if resume:  # continue with the run's own settings; flags given now still win
+        where = output_dir or (read_recipe(recipe).get("output_dir") if recipe else None) or TrainSettings.output_dir
+        saved = read_manifest(Path(where)).get("settings")
+        if not saved:
+            raise GrpoError(f"--resume: {where} holds no grpo.json from an earlier run: check --output-dir")
+        settings = load_settings(recipe, flags, saved=saved)
+    else:
+        settings = load_settings(recipe, flags)
     if dry_run:
         return check_rewards(settings)
-    if resume:  # continue with the run's own settings; flags given now still win
-        saved = read_manifest(Path(settings.train.output_dir)).get("settings")
-        if not saved:
-            raise GrpoError(
-                f"--resume: {settings.train.output_dir} holds no grpo.json from an earlier run: check --output-dir"
-            )
-        settings = load_settings(str(config) if config else None, flags, saved=saved)
     resume = True if resume == "latest" else (resume or False)
     run(settings, resume=resume, overwrite=overwrite, resume_anyway=resume_anyway)
 

@@ -38,7 +38,7 @@ def merged_lora(model):
     with torch.no_grad():
         for layer in model.modules():
             base = layer.get_base_layer() if isinstance(layer, Linear) else None
-            if base is None or layer.merged or layer.disable_adapters or len(layer.active_adapters) != 1:
+            if base is None or layer.merged or layer.disable_adapters or not _foldable(layer):
                 continue
             if not base.weight.is_floating_point():  # 4-bit: left as is
                 continue
@@ -54,25 +54,37 @@ def merged_lora(model):
             layer.merged_adapters.clear()
 
 
+def _foldable(layer) -> bool:
+    """A LoRA layer whose adapter is one plain weight delta: one active adapter, no DoRA, no LoRA bias."""
+    if len(layer.active_adapters) != 1:
+        return False
+    name = layer.active_adapters[0]
+    return not layer.use_dora.get(name, False) and not getattr(layer, "lora_bias", {}).get(name, False)
+
+
 def _linears(model) -> list:
-    """(module, weight) for each linear layer on CPU, the weight a LoRA layer computes with unfolded."""
+    """(module, weight) for each linear layer on CPU that oneDNN packs, the weight a LoRA layer computes with
+    unfolded; a LoRA layer that cannot be folded keeps its own forward."""
     import torch
     from peft.tuners.lora import Linear
+
+    from grpo_cli.cpu import _packs
 
     bases = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, Linear)}
     found = [
         (m, m.get_base_layer().weight if isinstance(m, Linear) else m.weight)
         for m in model.modules()
-        if isinstance(m, Linear) or (type(m) is torch.nn.Linear and id(m) not in bases)
+        if (isinstance(m, Linear) and (m.merged or m.disable_adapters or _foldable(m)))
+        or (type(m) is torch.nn.Linear and id(m) not in bases)
     ]
-    return [(m, w) for m, w in found if w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16)]
+    return [(m, w) for m, w in found if w.device.type == "cpu" and w.is_floating_point() and _packs(w.dtype)]
 
 
 def _folded(module, weight):
     """The weight a layer computes with now: a LoRA layer's active adapter folded in, as ``merged_lora`` does."""
     from peft.tuners.lora import Linear
 
-    if not isinstance(module, Linear) or module.merged or module.disable_adapters or len(module.active_adapters) != 1:
+    if not isinstance(module, Linear) or module.merged or module.disable_adapters:
         return weight
     return weight + module.get_delta_weight(module.active_adapters[0]).to(weight.dtype)
 
@@ -92,17 +104,17 @@ def packed_linears(model, rows: int):
             yield
         return
     before = {module: vars(module).get("forward") for module, _ in layers}  # hooks someone set stay
-    with torch.no_grad():
-        for module, weight in layers:
-            bias = getattr(module.get_base_layer() if hasattr(module, "get_base_layer") else module, "bias", None)
-            packed = torch.ops.mkldnn._reorder_linear_weight(_folded(module, weight), rows)
-            module.forward = lambda x, p=packed, b=bias: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
     try:
+        with torch.no_grad():
+            for module, weight in layers:
+                bias = getattr(module.get_base_layer() if hasattr(module, "get_base_layer") else module, "bias", None)
+                packed = torch.ops.mkldnn._reorder_linear_weight(_folded(module, weight), rows)
+                module.forward = lambda x, p=packed, b=bias: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], "")
         yield
     finally:
         for module, forward in before.items():
             if forward is None:
-                del module.forward  # the class's own forward again
+                vars(module).pop("forward", None)  # the class's own forward again
             else:
                 module.forward = forward
 
@@ -112,7 +124,8 @@ def cpu_generation(model, rows: int):
     """Generation on CPU: the LoRA folded into the weights, packed where that is faster, and fast sampling.
     Elsewhere nothing changes."""
     if model.device.type != "cpu":
-        yield
+        with merged_lora(model):
+            yield
         return
     with packed_linears(model, rows), fast_sampling():
         yield
@@ -205,18 +218,20 @@ def prefix_once(model, tokens: list[list[int]], pad: int) -> dict:
     """generate's inputs for prompts that open alike (the chat template and system prompt): the common opening
     runs once and its keys and values are copied to every row; each row is then the opening, its padding, and
     its own tokens (the padding masked, positions counted past it, as with left padding). With no common opening
-    of 16 tokens or more: plain left padding."""
+    of 16 tokens or more (or off CPU): plain left padding."""
     import torch
 
     common = 0
     shortest = min(len(t) for t in tokens)
     while common < shortest - 1 and all(t[common] == tokens[0][common] for t in tokens):
         common += 1
+    if common < 16 or len(tokens) < 2 or model.device.type != "cpu":
+        common = 0  # plain left padding
     width = max(len(t) for t in tokens) - common
     rows = [(t[:common], [pad] * (width - len(t) + common), t[common:]) for t in tokens]
     ids = torch.tensor([a + b + c for a, b, c in rows], device=model.device)
     mask = torch.tensor([[1] * len(a) + [0] * len(b) + [1] * len(c) for a, b, c in rows], device=model.device)
-    if common < 16 or len(tokens) < 2:
+    if not common:
         return {"input_ids": ids, "attention_mask": mask}
     cache = model(input_ids=ids[:1, :common], use_cache=True, logits_to_keep=1).past_key_values
     cache.batch_repeat_interleave(len(tokens))

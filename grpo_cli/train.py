@@ -78,7 +78,10 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
     try:
         return GRPOConfig(**args)
     except ValueError as exc:  # TRL's own checks (batch sizes against num_generations and the like)
-        raise GrpoError(f"the trainer settings do not fit together: {str(exc).splitlines()[0]}") from exc
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GrpoError(
+            f"the trainer settings do not fit together ({cause}): change them in the recipe or flags"
+        ) from exc
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool):
@@ -494,6 +497,7 @@ def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception)
         kept = f"{checkpoint.name} was saved, " if checkpoint else ""
         saved = f"{kept}saving failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     cause = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    checkpoint = checkpoint or runs.latest_good_checkpoint(output_dir)  # never advise --overwrite over good ones
     again = f"grpo train --resume latest --output-dir {output_dir}" if checkpoint else "grpo train --overwrite ..."
     return runs.RunFailed(
         f"{kind} at step {step + 1}: {cause}; {saved}; traceback in {log}; fix the cause, then: {again}", code

@@ -7,6 +7,7 @@ import importlib.util
 import math
 import signal
 import threading
+import time
 from pathlib import Path
 
 from grpo_cli.errors import GrpoError
@@ -176,11 +177,24 @@ def _call(func, timeout: float | None, **kwargs):
 
 
 def _first_failing(func, timeout, prompts, completions, kwargs) -> str:
+    """The first completion the reward raises on alone, searched within one timeout in all."""
+    deadline = time.monotonic() + (timeout or float("inf"))
     for i in range(len(completions)):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
         one = {k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
         try:
-            _call(func, timeout, prompts=prompts[i : i + 1], completions=completions[i : i + 1], **one)
-        except (Exception, _Expired):
+            _call(
+                func,
+                None if left == float("inf") else left,
+                prompts=prompts[i : i + 1],
+                completions=completions[i : i + 1],
+                **one,
+            )
+        except RewardTimeout:
+            break
+        except Exception:
             text = completions[i] if isinstance(completions[i], str) else completions[i][-1]["content"]
             return text[:80]
     return "the batch"

@@ -105,3 +105,10 @@ def test_resume_without_a_run_or_a_checkpoint(tmp_path):
     )
     result = grpo("train", "--resume", "latest", "--output-dir", "run", cwd=tmp_path)
     assert result.returncode == 2 and "--resume: no checkpoint checkpoint-N in run" in result.stderr
+    # a run of another model resumes with its own settings, not the embedded model's (batch 16 is not a multiple of 6)
+    (tmp_path / "run" / "grpo.json").write_text(
+        '{"settings": {"model": {"model": "qwen2.5-1.5b"}, "data": {}, "train": {"output_dir": "run", '
+        '"per_device_train_batch_size": 6}}}'
+    )
+    result = grpo("train", "--resume", "latest", "--output-dir", "run", "--num-generations", "6", cwd=tmp_path)
+    assert result.returncode == 2 and "--resume: no checkpoint checkpoint-N in run" in result.stderr

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -38,8 +39,15 @@ def test_a_reward_that_catches_everything_still_times_out_and_its_own_timeout_is
 
     with pytest.raises(RewardError, match=r"reward own_timeout raised TimeoutError: the grader's server did not"):
         checked(own_timeout, timeout=5)(prompts=["p"], completions=["a"])
-    assert checked(lambda prompts, completions: [1.0], timeout=0.05)(prompts=["p"], completions=["a"]) == [1.0]
-    time.sleep(0.1)  # the cancelled timer never interrupts what runs after the call
+    fired = []
+    previous = signal.signal(signal.SIGUSR1, lambda *a: fired.append(a))
+    try:
+        assert checked(lambda prompts, completions: [1.0], timeout=0.05)(prompts=["p"], completions=["a"]) == [1.0]
+        assert signal.getsignal(signal.SIGUSR1) is not None and not fired
+        time.sleep(0.1)  # the cancelled timer never interrupts what runs after the call
+        assert not fired
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_a_nan_reward_is_an_error_naming_the_completion_unless_skipped():
