@@ -43,7 +43,7 @@ def merged_lora(model):
             if not base.weight.is_floating_point():  # 4-bit: left as is
                 continue
             original = base.weight.data
-            base.weight.data = original + layer.get_delta_weight(layer.active_adapters[0]).to(original.dtype)
+            base.weight.data = _folded(layer, original)
             layer.merged_adapters.append(layer.active_adapters[0])
             swapped.append((layer, base, original))
     try:
