@@ -299,20 +299,12 @@ def measure_machine(model: str, rows: int) -> dict:
 
     dtype = torch.bfloat16 if torch.cuda.is_available() or cpu.kind() in ("amx", "avx512_bf16") else torch.float32
     gib = torch.ones(2**28, dtype=torch.float32)
-    bandwidth = gib.numel() * 4 / cpu._time(gib.sum, 3)
+    bandwidth = gib.numel() * 4 / cpu.best_time(gib.sum, 3)
     del gib
     shapes, seconds, flops = linear_shapes(model), 0.0, 0.0
-    with torch.no_grad():
-        for out, inp, count in shapes:
-            w, x = torch.randn(out, inp, dtype=dtype), torch.randn(rows, inp, dtype=dtype)
-            best = cpu._time(lambda w=w, x=x: torch.nn.functional.linear(x, w), 3)
-            if cpu._packs(dtype):
-                p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-                best = min(
-                    best, cpu._time(lambda p=p, x=x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), 3)
-                )
-            seconds += count * best
-            flops += count * 2 * rows * out * inp
+    for out, inp, count in shapes:
+        seconds += count * min(cpu.linear_seconds(torch.randn(out, inp, dtype=dtype), rows, repeats=3))
+        flops += count * 2 * rows * out * inp
     params = sum(out * inp * count for out, inp, count in shapes)
     return {"dtype": str(dtype).replace("torch.", ""), "bandwidth": bandwidth, "flops": flops / seconds,
             "params": params, "bytes": params * dtype.itemsize, "rows": rows}  # fmt: skip

@@ -8,8 +8,6 @@ import platform
 import time
 from pathlib import Path
 
-KINDS = ("amx", "avx512_bf16", "avx512", "avx2", "arm", "other")
-
 
 def flags() -> set[str]:
     try:
@@ -54,7 +52,7 @@ def _cache() -> Path:
     return cache_dir() / "cpu.json"
 
 
-def _time(fn, repeats: int = 5) -> float:
+def best_time(fn, repeats: int = 5) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -64,7 +62,7 @@ def _time(fn, repeats: int = 5) -> float:
     return best
 
 
-def _packs(dtype) -> bool:
+def packs(dtype) -> bool:
     """oneDNN packs this dtype here (bf16 needs AVX-512 or AVX-NE-CONVERT, for one)."""
     import torch
 
@@ -77,6 +75,21 @@ def _packs(dtype) -> bool:
     return True
 
 
+def linear_seconds(weight, rows: int, repeats: int = 5) -> tuple[float, float]:
+    """Seconds of torch's linear and of oneDNN's packed linear on ``weight`` for ``rows`` rows (the best of
+    ``repeats``; packed is inf where oneDNN does not pack the dtype). The input draws from its own generator, not
+    the run's random state."""
+    import torch
+
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = best_time(lambda: torch.nn.functional.linear(x, weight), repeats)
+        if not packs(weight.dtype):
+            return plain, float("inf")
+        p = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        return plain, best_time(lambda: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""), repeats)
+
+
 def packed_linear_faster(weights: list, rows: int) -> bool:
     """Whether oneDNN's linear on a pre-packed weight beats torch's default linear for ``rows`` rows (the
     generation batch) on these weights, here. On a 2-core AVX2 EPYC it is about 2.8x faster at 8 rows (MKL's small-batch
@@ -84,7 +97,7 @@ def packed_linear_faster(weights: list, rows: int) -> bool:
     import torch
 
     override = os.environ.get("GRPO_PACKED_LINEAR")
-    if override == "0" or not weights or not _packs(weights[0].dtype):
+    if override == "0" or not weights or not packs(weights[0].dtype):
         return False
     if override == "1":
         return True
@@ -99,17 +112,11 @@ def packed_linear_faster(weights: list, rows: int) -> bool:
         known = {}
     if key in known:
         return known[key]["packed"]
-    one = {tuple(w.shape): w for w in weights}.values()  # one weight of each shape: the model's own
     plain = packed = 0.0
-    with torch.no_grad():
-        for w in one:
-            x = torch.randn(
-                rows, w.shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(0)
-            )  # not the run's RNG
-            p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-            count = sum(tuple(v.shape) == tuple(w.shape) for v in weights)
-            plain += count * _time(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-            packed += count * _time(lambda x=x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""))
+    for w in {tuple(w.shape): w for w in weights}.values():  # one weight of each shape: the model's own
+        count = sum(tuple(v.shape) == tuple(w.shape) for v in weights)
+        seconds = linear_seconds(w, rows)
+        plain, packed = plain + count * seconds[0], packed + count * seconds[1]
     faster = packed < 0.9 * plain
     known[key] = {"packed": faster, "plain_s": plain, "packed_s": packed, "rows": rows, "cpu": describe()}
     try:

@@ -68,7 +68,7 @@ def _linears(model) -> list:
     import torch
     from peft.tuners.lora import Linear
 
-    from grpo_cli.cpu import _packs
+    from grpo_cli.cpu import packs
 
     bases = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, Linear)}
     found = [
@@ -77,7 +77,7 @@ def _linears(model) -> list:
         if (isinstance(m, Linear) and (m.merged or m.disable_adapters or _foldable(m)))
         or (type(m) is torch.nn.Linear and id(m) not in bases)
     ]
-    return [(m, w) for m, w in found if w.device.type == "cpu" and w.is_floating_point() and _packs(w.dtype)]
+    return [(m, w) for m, w in found if w.device.type == "cpu" and w.is_floating_point() and packs(w.dtype)]
 
 
 def _folded(module, weight):

@@ -89,7 +89,7 @@ def test_cpu_attention_matches_sdpa_forward_and_backward(tiny_llama, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linears_are_the_same_function_with_the_fold_and_put_forward_back(lora_model, dtype, monkeypatch):
-    from grpo_cli.cpu import _packs
+    from grpo_cli.cpu import packs
     from grpo_cli.generate import cpu_generation
 
     monkeypatch.setenv("GRPO_PACKED_LINEAR", "1")  # packed where oneDNN can, whatever this machine measures
@@ -98,7 +98,7 @@ def test_packed_linears_are_the_same_function_with_the_fold_and_put_forward_back
     with torch.no_grad():
         unmerged = model(ids).logits.float()
         with cpu_generation(model, rows=3):
-            assert ("forward" in vars(model.base_model.model.lm_head)) == _packs(dtype)  # bf16 needs AVX-512
+            assert ("forward" in vars(model.base_model.model.lm_head)) == packs(dtype)  # bf16 needs AVX-512
             packed = model(ids).logits.float()
     assert torch.allclose(packed, unmerged, atol=1e-4 if dtype == torch.float32 else 0.05)
     assert not any("forward" in vars(m) for m in model.modules())
@@ -113,7 +113,7 @@ def test_packed_linears_are_the_same_function_with_the_fold_and_put_forward_back
 def test_the_packed_choice_is_measured_once_and_cached(tmp_path, monkeypatch, capsys):
     from grpo_cli import cpu
 
-    if not cpu._packs(torch.float32):
+    if not cpu.packs(torch.float32):
         pytest.skip("oneDNN does not pack here: nothing to measure")
     monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
     monkeypatch.delenv("GRPO_PACKED_LINEAR", raising=False)
