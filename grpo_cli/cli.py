@@ -1,6 +1,7 @@
 """The `grpo` command: parse, then delegate to a plain function."""
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -86,7 +87,8 @@ def train(
         bool, typer.Option(help="Check the rewards on base-model samples of 8 prompts; train nothing.")
     ] = False,
 ) -> None:
-    """Train a LoRA adapter with GRPO."""
+    """Train a LoRA adapter with GRPO. Under `accelerate launch` or `torchrun`, on every process they start."""
+    from grpo_cli import dist
     from grpo_cli.adapter import read_manifest
     from grpo_cli.config import TrainSettings, load_settings, read_recipe
     from grpo_cli.train import train as run
@@ -105,6 +107,8 @@ def train(
         eval_split=eval_split,
     )  # fmt: skip
     recipe = str(config) if config else None
+    if not dist.is_main():  # the main process prints the run; the others speak only of themselves, on stderr
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
     if resume:  # continue with the run's own settings; flags given now still win
         where = output_dir or (read_recipe(recipe).get("output_dir") if recipe else None) or TrainSettings.output_dir
         saved = read_manifest(Path(where)).get("settings")
@@ -328,6 +332,7 @@ def quiet_libraries() -> None:
 def main() -> None:
     if "--debug" not in sys.argv:
         quiet_libraries()
+    from grpo_cli import dist
     from grpo_cli.runs import RunFailed
 
     try:
@@ -335,10 +340,13 @@ def main() -> None:
     except GrpoError as exc:
         if _state["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if dist.is_local_main() or not exc.everywhere:  # every process has it: said once a machine
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as exc:  # mid-run: what the completed steps made is saved; the traceback is in error.log
         if _state["debug"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.code)
+    finally:
+        dist.finish()

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo_cli.dist import check_batch
 from grpo_cli.errors import GrpoError
 
 SYSTEM_PROMPT = """
@@ -223,10 +224,6 @@ def embedded_line(given: dict) -> str:
     )
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(2, n + 1) if n % d == 0]
-
-
 def validate(s: Settings) -> None:
     """Fail before any model is loaded, with a message that says what to change."""
     t, m, d = s.train, s.model, s.data
@@ -252,13 +249,7 @@ def validate(s: Settings) -> None:
             f"num_generations must be at least 2, got {t.num_generations}: "
             "GRPO compares completions within a group (the reference uses 6)"
         )
-    batch = t.per_device_train_batch_size * t.gradient_accumulation_steps
-    if batch % t.num_generations:
-        raise GrpoError(
-            f"batch size {t.per_device_train_batch_size} x grad accum {t.gradient_accumulation_steps} = {batch} "
-            f"must be divisible by num_generations {t.num_generations}: use --num-generations "
-            f"{' or '.join(map(str, _divisors(batch)))}, or --batch-size {t.num_generations}"
-        )
+    check_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_generations)
     if not 0 < m.gpu_memory_utilization <= 1:
         raise GrpoError(
             f"gpu_memory_utilization must be in (0, 1], got {m.gpu_memory_utilization}: the reference uses 0.6"

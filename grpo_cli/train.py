@@ -4,11 +4,12 @@ import importlib.util
 import os
 import shutil
 import signal
+import sys
 import time
 import traceback
 from pathlib import Path
 
-from grpo_cli import report, runs
+from grpo_cli import dist, report, runs
 from grpo_cli.adapter import MANIFEST, fingerprint, occupied, read_manifest, save_adapter, write_json
 from grpo_cli.config import Settings
 from grpo_cli.errors import GrpoError
@@ -75,6 +76,8 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
         args.setdefault("fp16", not bf16)
     if vllm:
         args["use_vllm"] = True
+    if dist.world_size() > 1:  # every LoRA weight takes part in each step: no search for unused ones
+        args.setdefault("ddp_find_unused_parameters", False)
     try:
         return GRPOConfig(**args)
     except ValueError as exc:  # TRL's own checks (batch sizes against num_generations and the like)
@@ -176,6 +179,8 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
         skipped = 0
 
         def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # under a launcher the main process alone shows and writes the run
+                return
             self.progress = Progress(
                 TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),
                 TextColumn("{task.fields[status]}"), console=console, transient=True,
@@ -184,10 +189,11 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
             self.progress.start()
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.progress.stop()
+            if self.progress is not None:
+                self.progress.stop()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "reward" not in logs:
+            if not logs or "reward" not in logs or not state.is_world_process_zero:
                 return
             step = state.global_step
             report.append_metrics(
@@ -218,20 +224,30 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
 
 
 def stop_on_signal():
-    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one exits at once."""
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one exits at once. Under a launcher every
+    process stops after the same step, whichever got the signal; Ctrl-C reaches the workers twice there (from the
+    terminal and from the launcher), so a repeat within a few seconds is the same one."""
     from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
         signum = None
+        at = 0.0
 
         def handle(self, signum, frame):
             if self.signum is not None:
-                os._exit(128 + signum)
-            self.signum = signum
-            print("\nStopping after this step to save a checkpoint and the adapter (again to quit at once)", flush=True)
+                if time.monotonic() - self.at > 3:
+                    os._exit(128 + signum)
+                return
+            self.signum, self.at = signum, time.monotonic()
+            if dist.is_main():
+                print(
+                    "\nStopping after this step to save a checkpoint and the adapter (again to quit at once)",
+                    flush=True,
+                )
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.signum is not None:
+            if dist.any_process(self.signum is not None):
+                self.signum = self.signum or signal.SIGTERM  # another process got it
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -333,13 +349,13 @@ def held_out_eval(settings: Settings, examples: list[dict], tokenizer, output_di
             return {f"eval_{k}": v for k, v in summary.items()} | {"eval_seconds": time.time() - started}
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0:
+            if state.global_step == 0 and state.is_world_process_zero:  # the others wait for it at the next step
                 metrics = self.evaluate()
                 report.append_metrics(output_dir, {"step": 0, **metrics})
                 Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0:
+            if state.global_step % every == 0 and state.is_world_process_zero:
                 self.pending = self.evaluate()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -358,29 +374,21 @@ def eval_line(logs: dict) -> str:
 
 
 def train(settings: Settings, resume: str | bool = False, overwrite: bool = False, resume_anyway: bool = False) -> Path:
-    """Run GRPO as the settings say; returns the adapter directory."""
-    # Check the input before anything is loaded or written
+    """Run GRPO as the settings say; returns the adapter directory. Under a launcher (accelerate launch, torchrun)
+    every process runs this; the main one alone prints the run and writes its files."""
     from grpo_cli import models
-    from grpo_cli.data import load_examples
-    from rewards import checked, resolve
 
     output_dir = Path(settings.train.output_dir)
-    runs.check_lock(output_dir)
-    check_output_dir(output_dir, bool(resume), overwrite)
-    d = settings.data
-    reward_funcs = [checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards]
-    for logger in {settings.train.report_to} - {"none"}:
-        if importlib.util.find_spec(logger) is None:
-            raise GrpoError(
-                f"report_to {logger}: {logger} is not installed: pip install {logger}, or use --report-to none"
-            )
-    checkpoint = resume_point(settings, resume, resume_anyway)
-    models.resolve_model(settings.model.model, convert=False)
-    load_examples(settings.data)
+    dist.start(cpu=not models.cuda_available())
+
+    # Check the input before anything is loaded or written: on every process, which all stop if one fails
+    reward_funcs, checkpoint = dist.agree(check_input, settings, resume, overwrite, resume_anyway)
 
     # Load model: unsloth first, as it patches trl and transformers on import
     vllm = models.engine(settings.model) == "vllm"
     print(f"Backend: {models.generation_backend(settings.model)}")
+    if dist.world_size() > 1:
+        print(f"Launcher: {dist.describe()}")
     if not vllm and models.cuda_available():
         print("vLLM is not installed: generating with transformers (pip install 'grpo-cli[gpu]' for vLLM)")
     models.patch_fast_rl()
@@ -390,6 +398,8 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
 
     # Data, with prompts longer than max_prompt_length dropped
     from datasets import Dataset
+
+    from grpo_cli.data import load_examples
 
     examples = load_examples(settings.data, tokenizer)
     if settings.train.eval_steps:
@@ -402,14 +412,11 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
 
     config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
-    with runs.locked(output_dir):  # from here on the folder is this run's alone
+    lock = dist.agree(claim, output_dir, overwrite)  # from here on the folder is this run's alone
+    try:
         # Build trainer
         from transformers import PrinterCallback
 
-        if overwrite:  # the old run goes only now that the new one has loaded
-            for path in output_dir.iterdir():
-                if path.name != runs.LOCK:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
         t = settings.train
         trainer = trainer_class(cpu=not models.cuda_available())(
             model=model,
@@ -429,9 +436,10 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
             evaluator = held_out_eval(settings, held_out, tokenizer, output_dir, models.engine(settings.model))
             evaluator.trainer = trainer
             trainer.callback_handler.callbacks.insert(0, evaluator)
-        write_json(output_dir / MANIFEST, manifest)
-        if checkpoint:
-            report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
+        if dist.is_main():
+            write_json(output_dir / MANIFEST, manifest)
+            if checkpoint:
+                report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
 
         # Train; Ctrl-C or SIGTERM stops after the current step; any failure keeps what the completed steps made
         started = time.time()
@@ -448,28 +456,75 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
             raise rescue(trainer, model, manifest, output_dir, failure) from failure
 
         # Save adapter, with the held-out figures before training and at the last evaluation
-        history = [h for h in trainer.state.log_history if "reward" in h]
-        manifest.update(step=trainer.state.global_step, last_reward=history[-1]["reward"] if history else None)
-        evals = [r for r in report.read_metrics(output_dir) if "eval_accuracy" in r]
-        if len(evals) > 1 and evals[0]["step"] == 0:
-            manifest["eval"] = {
-                key: {"base": evals[0][f"eval_{key}"], "adapter": evals[-1][f"eval_{key}"]}
-                for key in ("accuracy", "format_rate", "mean_length")
-            }
-        adapter = save_adapter(model, output_dir / "adapter", manifest, force=True)
-        plot = report.plot(output_dir)
+        if dist.world_size() > 1:  # the same weights on every process, or the gradients were not averaged
+            print(f"{dist.process_name()}: adapter weights {dist.digest(model)} at step {trainer.state.global_step}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        adapter = output_dir / "adapter"
+        if dist.is_main():
+            history = [h for h in trainer.state.log_history if "reward" in h]
+            manifest.update(step=trainer.state.global_step, last_reward=history[-1]["reward"] if history else None)
+            evals = [r for r in report.read_metrics(output_dir) if "eval_accuracy" in r]
+            if len(evals) > 1 and evals[0]["step"] == 0:
+                manifest["eval"] = {
+                    key: {"base": evals[0][f"eval_{key}"], "adapter": evals[-1][f"eval_{key}"]}
+                    for key in ("accuracy", "format_rate", "mean_length")
+                }
+            adapter = save_adapter(model, adapter, manifest, force=True)
+            plot = report.plot(output_dir)
+    finally:
+        if lock is not None:
+            runs.release_lock(lock)
     print(f"Trained {trainer.state.global_step} steps in {time.time() - started:.0f}s; adapter saved to {adapter}")
-    print(f"Metrics: {output_dir / report.METRICS}, plot: {plot}")
+    if dist.is_main():
+        print(f"Metrics: {output_dir / report.METRICS}, plot: {plot}")
     if stop.signum is not None:
         print(f"Interrupted: resume with --resume latest --output-dir {output_dir}")
         raise SystemExit(128 + stop.signum)
     return adapter
 
 
+def check_input(settings: Settings, resume: str | bool, overwrite: bool, resume_anyway: bool):
+    """Everything about the input that can fail before a model loads; returns the rewards and the checkpoint."""
+    from grpo_cli import models
+    from grpo_cli.data import load_examples
+    from rewards import checked, resolve
+
+    output_dir = Path(settings.train.output_dir)
+    runs.check_lock(output_dir)
+    check_output_dir(output_dir, bool(resume), overwrite)
+    d = settings.data
+    reward_funcs = [checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards]
+    for logger in {settings.train.report_to} - {"none"}:
+        if importlib.util.find_spec(logger) is None:
+            raise GrpoError(
+                f"report_to {logger}: {logger} is not installed: pip install {logger}, or use --report-to none"
+            )
+    checkpoint = resume_point(settings, resume, resume_anyway)
+    models.resolve_model(settings.model.model, convert=False)
+    load_examples(settings.data)
+    return reward_funcs, checkpoint
+
+
+def claim(output_dir: Path, overwrite: bool) -> Path | None:
+    """The main process takes the run's lock and, with --overwrite, removes the old run only now that the new one
+    has loaded; the others wait for it, so none writes into the folder before that."""
+    lock = None
+    if dist.is_main():
+        lock = runs.acquire_lock(output_dir)
+        if overwrite:
+            for path in output_dir.iterdir():
+                if path.name != runs.LOCK:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return lock  # dist.agree, which calls this, holds the others until it is done
+
+
 def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception) -> runs.RunFailed:
     """After a failure mid-step: the last completed step as a checkpoint and the adapter, the plot, the traceback
     in error.log; returns the one-line error to raise, with its exit code."""
     kind, code = runs.failure_kind(failure)
+    cause = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    if not dist.is_main():  # the main process holds the same weights and saves them: one writer a folder
+        return runs.RunFailed(f"{dist.process_name()}: {kind} at step {trainer.state.global_step + 1}: {cause}", code)
     log = runs.write_error_log(output_dir, failure)
     for callback in trainer.callback_handler.callbacks:  # the progress bar would hold the terminal
         if getattr(callback, "progress", None) is not None:
@@ -496,7 +551,6 @@ def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception)
     except Exception as exc:  # saving failed too (a full disk, memory): say so, keep the first cause
         kept = f"{checkpoint.name} was saved, " if checkpoint else ""
         saved = f"{kept}saving failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    cause = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
     checkpoint = checkpoint or runs.latest_good_checkpoint(output_dir)  # never advise --overwrite over good ones
     again = f"grpo train --resume latest --output-dir {output_dir}" if checkpoint else "grpo train --overwrite ..."
     return runs.RunFailed(
