@@ -52,6 +52,9 @@ def train(
     max_completion_length: Annotated[int | None, typer.Option(help="Tokens generated per completion at most.")] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank.")] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Share of GPU memory for vLLM (0.6).")] = None,
+    vllm_server: Annotated[
+        str | None, typer.Option(help="Generate on this vLLM server (http://HOST:PORT, from `grpo serve`).")
+    ] = None,
     standby: Annotated[
         bool | None, typer.Option("--standby", help="Unsloth's vLLM standby mode: share GPU memory with training.")
     ] = None,
@@ -100,7 +103,7 @@ def train(
         num_generations=num_generations, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, learning_rate=learning_rate,
         max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, gpu_memory_utilization=gpu_memory_utilization, vllm_standby=standby, beta=beta, epsilon=epsilon,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, gpu_memory_utilization=gpu_memory_utilization, vllm_standby=standby, vllm_server=vllm_server, beta=beta, epsilon=epsilon,
         num_iterations=num_iterations, loss_type=loss_type, temperature=temperature, seed=seed,
         limit=limit, output_dir=output_dir, save_steps=save_steps, stop_on_no_signal=stop_on_no_signal,
         report_to=report_to, eval_steps=eval_steps, eval_limit=eval_limit, eval_dataset=eval_dataset,
@@ -144,6 +147,30 @@ def check_rewards(settings) -> None:
             "Add a shaped reward (e.g. --reward answer_tag), a one-shot example in --system-prompt, or more --num-generations",
             highlight=False,
         )
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Option(help="The base model the run trains (default: the recipe's).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The run's YAML recipe.")] = None,
+    max_prompt_length: Annotated[int | None, typer.Option(help="The run's prompt length, for the context.")] = None,
+    max_completion_length: Annotated[int | None, typer.Option(help="The run's completion length.")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of each GPU for vLLM.")] = 0.9,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs the server splits the model over.")] = 1,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    dry_run: Annotated[bool, typer.Option(help="Print the server's command line; start nothing.")] = False,
+) -> None:
+    """Start TRL's vLLM server for a run's model; prints the --vllm-server value `grpo train` takes."""
+    from grpo_cli.config import load_settings
+    from grpo_cli.serve import serve as run
+
+    flags = dict(
+        model=model, max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,
+        gpu_memory_utilization=gpu_memory_utilization,  # the server's GPUs are its own
+    )  # fmt: skip
+    settings = load_settings(str(config) if config else None, flags, announce=False)
+    run(settings, host, port, tensor_parallel_size, dry_run)
 
 
 @app.command("save-lora")

@@ -58,6 +58,7 @@ class ModelSettings:
     fast_inference: bool = True  # vLLM generation, where CUDA and vLLM are present
     gpu_memory_utilization: float = 0.6
     vllm_standby: bool = False  # Unsloth's standby: vLLM and training share GPU memory
+    vllm_server: str | None = None  # http://HOST:PORT of a vLLM server (`grpo serve`) that generates for training
     random_state: int = 3407
 
 
@@ -272,6 +273,8 @@ def validate(s: Settings) -> None:
         )
     if t.eval_steps is not None and t.eval_steps <= 0:
         raise GrpoError(f"eval_steps must be a positive integer, got {t.eval_steps}: try 10")
+    if m.vllm_server is not None and not m.vllm_server.startswith(("http://", "https://")):
+        raise GrpoError(f"vllm_server {m.vllm_server!r} is no URL: give http://HOST:PORT, as `grpo serve` prints it")
     if t.report_to not in LOGGERS:
         raise GrpoError(f"report_to {t.report_to!r} is not a logger grpo knows: use {', '.join(LOGGERS)}")
     if not d.rewards:

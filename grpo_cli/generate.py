@@ -314,7 +314,9 @@ class VLLMEngine:
         self.lora_request = self.model.load_lora("grpo-live", load_tensors=True)
 
 
-ENGINES = {"transformers": TransformersEngine, "vllm": VLLMEngine}
+# A vLLM server generates only for training (TRL pushes it the merged weights each step); evaluation during
+# training runs on the model being trained
+ENGINES = {"transformers": TransformersEngine, "vllm": VLLMEngine, "server": TransformersEngine}
 
 
 class Pair:

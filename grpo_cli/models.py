@@ -113,15 +113,42 @@ def cuda_available() -> bool:
 
 
 def engine(settings: ModelSettings) -> str:
-    """The generation engine, chosen here once for train, infer, eval and the reward check: Unsloth's vLLM where
-    CUDA and vLLM are present and fast_inference is on, else transformers."""
+    """The generation engine, chosen here once for train, infer, eval and the reward check: a separate vLLM server
+    when one is given (TRL's server mode, training only), Unsloth's vLLM where CUDA and vLLM are present and
+    fast_inference is on, else transformers."""
+    if settings.vllm_server:
+        return "server"
     vllm = settings.fast_inference and cuda_available() and importlib.util.find_spec("vllm") is not None
     return "vllm" if vllm else "transformers"
 
 
 def generation_backend(settings: ModelSettings) -> str:
     device = "GPU" if cuda_available() else "CPU"
-    return f"Unsloth {device} + " + ("vLLM" if engine(settings) == "vllm" else "transformers generate")
+    generation = {"vllm": "vLLM", "server": f"the vLLM server at {settings.vllm_server}"}
+    return f"Unsloth {device} + " + generation.get(engine(settings), "transformers generate")
+
+
+def check_server(url: str, timeout: float = 10.0) -> None:
+    """A vLLM server answers at ``url`` (its /health, as TRL's client asks), before any model loads."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as answer:
+            status = answer.status
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        why = getattr(exc, "reason", None) or exc
+        raise GrpoError(
+            f"the vLLM server at {url} does not answer ({why}): start it with `grpo serve --model MODEL` on the "
+            "machine that generates, or give the --vllm-server it printed"
+        ) from exc
+    if status != 200:
+        raise GrpoError(
+            f"{url}/health answered HTTP {status}, not a vLLM server that is ready: check --vllm-server, or wait "
+            "for `grpo serve` to finish loading"
+        )
 
 
 def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
@@ -132,8 +159,8 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     name = resolve_model(settings.model)
     four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
     chosen = four_bit is None
-    if four_bit is None:
-        four_bit = cuda_available()
+    if four_bit is None:  # a vLLM server takes the merged weights in 16-bit from TRL: 4-bit ones it cannot load
+        four_bit = cuda_available() and engine(settings) != "server"
     kwargs = dict(
         model_name=name,
         max_seq_length=settings.max_seq_length,

@@ -29,7 +29,8 @@ def run_manifest(settings: Settings, model, tokenizer) -> dict:
 
 
 def grpo_config(settings: Settings, cpu: bool, vllm: bool):
-    """TRL's GRPOConfig from our settings; recipe names that TRL dropped are mapped here."""
+    """TRL's GRPOConfig from our settings; recipe names that TRL dropped are mapped here. ``vllm``: generation on
+    Unsloth's vLLM; a vLLM server (``vllm_server``) is TRL's server mode."""
     import torch
     from trl import GRPOConfig
 
@@ -76,6 +77,8 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
         args.setdefault("fp16", not bf16)
     if vllm:
         args["use_vllm"] = True
+    if settings.model.vllm_server:
+        args.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=settings.model.vllm_server)
     if dist.world_size() > 1:  # every LoRA weight takes part in each step: no search for unused ones
         args.setdefault("ddp_find_unused_parameters", False)
     try:
@@ -502,6 +505,8 @@ def check_input(settings: Settings, resume: str | bool, overwrite: bool, resume_
     checkpoint = resume_point(settings, resume, resume_anyway)
     models.resolve_model(settings.model.model, convert=False)
     load_examples(settings.data)
+    if settings.model.vllm_server:
+        models.check_server(settings.model.vllm_server)
     return reward_funcs, checkpoint
 
 
