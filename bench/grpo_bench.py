@@ -224,7 +224,10 @@ def one_run(args) -> dict:
         train = TrainSettings(**same, extra={"save_strategy": "no"})
         settings = Settings(data=DataSettings(rewards=["answer_tag"]), train=train)
         vllm = llm is not None
-        config, GRPOTrainer = grpo_config(settings, cpu=cpu, vllm=vllm), trainer_class(cpu)  # noqa: N806
+        config, GRPOTrainer = (
+            grpo_config(settings, cpu=cpu, engine="vllm" if vllm else "transformers"),
+            trainer_class(cpu),
+        )  # noqa: N806
     else:
         config = GRPOConfig(**same, save_strategy="no", disable_tqdm=True, use_cpu=cpu,
                             bf16=not cpu and torch.cuda.is_bf16_supported())  # fmt: skip

@@ -181,10 +181,12 @@ outputs = llm.generate(prompts, lora_request=LoRARequest("adapter", 1, "ADAPTER_
 """
 
 
-def save_adapter(model, out_dir: Path, manifest: dict, force: bool = False) -> Path:
+def save_adapter(model, out_dir: Path, manifest: dict, force: bool = False, state_dict: dict | None = None) -> Path:
+    """``state_dict``: the weights gathered from every process where a strategy shards them (FSDP, ZeRO-3)."""
+
     def write(tmp: Path) -> None:
         # the trained adapter only: TRL keeps a frozen copy named "ref" for the KL term
-        model.save_pretrained(tmp, selected_adapters=["default"])
+        model.save_pretrained(tmp, selected_adapters=["default"], state_dict=state_dict)
         write_json(tmp / MANIFEST, manifest)
         (tmp / "README.md").write_text(model_card(manifest))
 

@@ -314,9 +314,14 @@ class VLLMEngine:
         self.lora_request = self.model.load_lora("grpo-live", load_tensors=True)
 
 
-# A vLLM server generates only for training (TRL pushes it the merged weights each step); evaluation during
-# training runs on the model being trained
-ENGINES = {"transformers": TransformersEngine, "vllm": VLLMEngine, "server": TransformersEngine}
+# TRL's own vLLM (colocated, or a server it pushes the merged weights to each step) generates only for training;
+# evaluation during training runs on the model being trained
+ENGINES = {
+    "transformers": TransformersEngine,
+    "vllm": VLLMEngine,
+    "trl-vllm": TransformersEngine,
+    "server": TransformersEngine,
+}
 
 
 class Pair:

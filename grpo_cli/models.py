@@ -114,18 +114,24 @@ def cuda_available() -> bool:
 
 def engine(settings: ModelSettings) -> str:
     """The generation engine, chosen here once for train, infer, eval and the reward check: a separate vLLM server
-    when one is given (TRL's server mode, training only), Unsloth's vLLM where CUDA and vLLM are present and
-    fast_inference is on, else transformers."""
+    when one is given (TRL's server mode, training only); where CUDA and vLLM are present and fast_inference is on,
+    Unsloth's vLLM, or TRL's own colocated one under a strategy Unsloth does not train under; else transformers."""
     if settings.vllm_server:
         return "server"
     vllm = settings.fast_inference and cuda_available() and importlib.util.find_spec("vllm") is not None
-    return "vllm" if vllm else "transformers"
+    if not vllm:
+        return "transformers"
+    return "vllm" if unsloth_trains() else "trl-vllm"
 
 
 def generation_backend(settings: ModelSettings) -> str:
     device = "GPU" if cuda_available() else "CPU"
-    generation = {"vllm": "vLLM", "server": f"the vLLM server at {settings.vllm_server}"}
-    return f"Unsloth {device} + " + generation.get(engine(settings), "transformers generate")
+    generation = {
+        "vllm": "vLLM",
+        "trl-vllm": "TRL's vLLM",
+        "server": f"the vLLM server at {settings.vllm_server}",
+    }.get(engine(settings), "transformers generate")
+    return f"{'Unsloth' if unsloth_trains() else 'TRL + PEFT'} {device} + {generation}"
 
 
 def check_server(url: str, timeout: float = 10.0) -> None:
@@ -151,8 +157,17 @@ def check_server(url: str, timeout: float = 10.0) -> None:
         )
 
 
+def unsloth_trains() -> bool:
+    """Unsloth trains alone or under DDP; under FSDP and DeepSpeed grpo trains with plain TRL + PEFT."""
+    from grpo_cli import dist
+
+    return dist.strategy() in dist.UNSLOTH_STRATEGIES
+
+
 def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     """Load through Unsloth (imported before trl/transformers touch the model). Returns model, tokenizer."""
+    if not unsloth_trains():
+        return load_plain(settings, load_in_4bit)
     unsloth_environment(settings)
     from unsloth import FastLanguageModel  # before anything imports transformers
 
@@ -247,7 +262,53 @@ def cpu_attention() -> str:
     return "sdpa_cpu"
 
 
+def load_plain(settings: ModelSettings, load_in_4bit: bool | None = None):
+    """transformers' own loading, for the strategies Unsloth does not train under. 4-bit (QLoRA) where the strategy
+    shards 4-bit weights (FSDP version 1, ZeRO-2, ZeRO-3, with bitsandbytes' quant_storage in the compute dtype);
+    16-bit under FSDP2. After the trainer's settings exist, so that ZeRO-3 loads each process's shard only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from grpo_cli import dist
+
+    name = resolve_model(settings.model)
+    cuda = cuda_available()
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
+    if four_bit is None:
+        four_bit = cuda and dist.strategy() != "fsdp2"
+    quantization = (
+        BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype
+        )
+        if four_bit
+        else None
+    )
+    print(
+        f"{dist.strategy()}: Unsloth does not train under it; loading with plain transformers + PEFT, "
+        f"{'4-bit (QLoRA)' if four_bit else str(dtype).replace('torch.', '')}"
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise GrpoError(f"could not load model {settings.model}: {str(exc).splitlines()[0][:200]}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
 def add_lora(model, settings: ModelSettings):
+    if not unsloth_trains():
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=settings.lora_rank,
+            lora_alpha=settings.lora_alpha or settings.lora_rank,
+            target_modules=settings.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
     from unsloth import FastLanguageModel
 
     return FastLanguageModel.get_peft_model(
@@ -264,6 +325,8 @@ def patch_fast_rl() -> None:
     """Unsloth's GRPO patches. Importing unsloth's GPU backend already swaps TRL's GRPOTrainer for its own
     (``UnslothGRPOTrainer``), so PatchFastRL is called only where that has not happened and it is exported;
     the CPU backend exports none, and TRL's trainer is used as it is."""
+    if not unsloth_trains() and cuda_available():  # unsloth's import would swap TRL's trainer for its own
+        return
     import unsloth
     from unsloth import FastLanguageModel
 

@@ -28,9 +28,9 @@ def run_manifest(settings: Settings, model, tokenizer) -> dict:
     }
 
 
-def grpo_config(settings: Settings, cpu: bool, vllm: bool):
-    """TRL's GRPOConfig from our settings; recipe names that TRL dropped are mapped here. ``vllm``: generation on
-    Unsloth's vLLM; a vLLM server (``vllm_server``) is TRL's server mode."""
+def grpo_config(settings: Settings, cpu: bool, engine: str = "transformers"):
+    """TRL's GRPOConfig from our settings; recipe names that TRL dropped are mapped here. ``engine`` as
+    ``models.engine`` chose it: vLLM (Unsloth's, or TRL's colocated one) or TRL's server mode."""
     import torch
     from trl import GRPOConfig
 
@@ -75,9 +75,9 @@ def grpo_config(settings: Settings, cpu: bool, vllm: bool):
         bf16 = torch.cuda.is_bf16_supported()
         args.setdefault("bf16", bf16)
         args.setdefault("fp16", not bf16)
-    if vllm:
+    if engine in ("vllm", "trl-vllm"):
         args["use_vllm"] = True
-    if settings.model.vllm_server:
+    if engine == "server":
         args.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=settings.model.vllm_server)
     if dist.world_size() > 1:  # every LoRA weight takes part in each step: no search for unused ones
         args.setdefault("ddp_find_unused_parameters", False)
@@ -387,14 +387,16 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     # Check the input before anything is loaded or written: on every process, which all stop if one fails
     reward_funcs, checkpoint = dist.agree(check_input, settings, resume, overwrite, resume_anyway)
 
-    # Load model: unsloth first, as it patches trl and transformers on import
-    vllm = models.engine(settings.model) == "vllm"
+    # Load model: unsloth first, as it patches trl and transformers on import; the trainer's settings before the
+    # weights, as DeepSpeed ZeRO-3 loads each process's shard only once they exist
+    engine = models.engine(settings.model)
     print(f"Backend: {models.generation_backend(settings.model)}")
     if dist.world_size() > 1:
         print(f"Launcher: {dist.describe()}")
-    if not vllm and models.cuda_available():
+    if engine == "transformers" and models.cuda_available():
         print("vLLM is not installed: generating with transformers (pip install 'grpo-cli[gpu]' for vLLM)")
     models.patch_fast_rl()
+    config = grpo_config(settings, cpu=not models.cuda_available(), engine=engine)
     model, tokenizer = models.load_model(settings.model)
     manifest = run_manifest(settings, model, tokenizer)
     model = models.add_lora(model, settings.model)
@@ -414,7 +416,6 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         print(f"Evaluating before step 1 and every {settings.train.eval_steps} steps on {described}")
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
 
-    config = grpo_config(settings, cpu=not models.cuda_available(), vllm=vllm)
     lock = dist.agree(claim, output_dir, overwrite)  # from here on the folder is this run's alone
     try:
         # Build trainer
@@ -436,7 +437,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         log.trainer = watch.trainer = trainer
         trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
         if settings.train.eval_steps:  # first, so that every logger sees the held-out figures with the step's
-            evaluator = held_out_eval(settings, held_out, tokenizer, output_dir, models.engine(settings.model))
+            evaluator = held_out_eval(settings, held_out, tokenizer, output_dir, engine)
             evaluator.trainer = trainer
             trainer.callback_handler.callbacks.insert(0, evaluator)
         if dist.is_main():
@@ -459,7 +460,9 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
             raise rescue(trainer, model, manifest, output_dir, failure) from failure
 
         # Save adapter, with the held-out figures before training and at the last evaluation
-        if dist.world_size() > 1:  # the same weights on every process, or the gradients were not averaged
+        sharded = dist.world_size() > 1 and not models.unsloth_trains()  # FSDP, DeepSpeed: gather the weights
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+        if dist.world_size() > 1 and not sharded:  # the same weights on every process, or no gradients averaged
             print(f"{dist.process_name()}: adapter weights {dist.digest(model)} at step {trainer.state.global_step}",
                   file=sys.stderr, flush=True)  # fmt: skip
         adapter = output_dir / "adapter"
@@ -472,7 +475,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
                     key: {"base": evals[0][f"eval_{key}"], "adapter": evals[-1][f"eval_{key}"]}
                     for key in ("accuracy", "format_rate", "mean_length")
                 }
-            adapter = save_adapter(model, adapter, manifest, force=True)
+            adapter = save_adapter(model, adapter, manifest, force=True, state_dict=state_dict)
             plot = report.plot(output_dir)
     finally:
         if lock is not None:
@@ -526,10 +529,16 @@ def claim(output_dir: Path, overwrite: bool) -> Path | None:
 def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception) -> runs.RunFailed:
     """After a failure mid-step: the last completed step as a checkpoint and the adapter, the plot, the traceback
     in error.log; returns the one-line error to raise, with its exit code."""
+    from grpo_cli.models import unsloth_trains
+
     kind, code = runs.failure_kind(failure)
     cause = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
     if not dist.is_main():  # the main process holds the same weights and saves them: one writer a folder
         return runs.RunFailed(f"{dist.process_name()}: {kind} at step {trainer.state.global_step + 1}: {cause}", code)
+    if dist.world_size() > 1 and not unsloth_trains():  # sharded weights cannot be gathered without the others
+        last = runs.latest_good_checkpoint(output_dir)
+        again = f"grpo train --resume latest --output-dir {output_dir}" if last else "grpo train --overwrite ..."
+        return runs.RunFailed(f"{kind} at step {trainer.state.global_step + 1}: {cause}; fix it, then: {again}", code)
     log = runs.write_error_log(output_dir, failure)
     for callback in trainer.callback_handler.callbacks:  # the progress bar would hold the terminal
         if getattr(callback, "progress", None) is not None:
