@@ -19,7 +19,11 @@ REWARD_HELP = f"NAME[:WEIGHT], repeatable: {', '.join(REWARDS)}, or package.modu
 
 @app.callback()
 def root(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False) -> None:
+    from grpo_cli import dist
+
     _state["debug"] = debug
+    if not dist.is_main():  # under a launcher the main process prints; the others speak of themselves on stderr
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
 
 
 @app.command()
@@ -91,7 +95,6 @@ def train(
     ] = False,
 ) -> None:
     """Train a LoRA adapter with GRPO. Under `accelerate launch` or `torchrun`, on every process they start."""
-    from grpo_cli import dist
     from grpo_cli.adapter import read_manifest
     from grpo_cli.config import TrainSettings, load_settings, read_recipe
     from grpo_cli.train import train as run
@@ -110,8 +113,6 @@ def train(
         eval_split=eval_split,
     )  # fmt: skip
     recipe = str(config) if config else None
-    if not dist.is_main():  # the main process prints the run; the others speak only of themselves, on stderr
-        sys.stdout = open(os.devnull, "w")  # for the life of the process
     if resume:  # continue with the run's own settings; flags given now still win
         where = output_dir or (read_recipe(recipe).get("output_dir") if recipe else None) or TrainSettings.output_dir
         saved = read_manifest(Path(where)).get("settings")

