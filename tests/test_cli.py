@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from grpo_cli.cli import app
 
-COMMANDS = ["train", "save-lora", "infer", "eval", "doctor"]
+COMMANDS = ["train", "save-lora", "infer", "eval", "doctor", "serve"]
 
 
 def grpo(*args, cwd=None):
