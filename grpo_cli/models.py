@@ -264,8 +264,9 @@ def cpu_attention() -> str:
 
 def load_plain(settings: ModelSettings, load_in_4bit: bool | None = None):
     """transformers' own loading, for the strategies Unsloth does not train under. 4-bit (QLoRA) where the strategy
-    shards 4-bit weights (FSDP version 1, ZeRO-2, ZeRO-3, with bitsandbytes' quant_storage in the compute dtype);
-    16-bit under FSDP2. After the trainer's settings exist, so that ZeRO-3 loads each process's shard only."""
+    shards 4-bit weights (FSDP version 1, ZeRO-2, ZeRO-3, with bitsandbytes' quant_storage in the compute dtype) and
+    transformers generates; 16-bit under FSDP2 or with vLLM. After the trainer's settings exist, so that ZeRO-3
+    loads each process's shard only."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -275,8 +276,8 @@ def load_plain(settings: ModelSettings, load_in_4bit: bool | None = None):
     cuda = cuda_available()
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
     four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
-    if four_bit is None:
-        four_bit = cuda and dist.strategy() != "fsdp2"
+    if four_bit is None:  # TRL sends vLLM the merged weights each step: 4-bit ones it cannot load
+        four_bit = cuda and dist.strategy() != "fsdp2" and engine(settings) == "transformers"
     quantization = (
         BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype
