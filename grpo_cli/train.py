@@ -228,8 +228,8 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
 
 def stop_on_signal():
     """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one exits at once. Under a launcher every
-    process stops after the same step, whichever got the signal; Ctrl-C reaches the workers twice there (from the
-    terminal and from the launcher), so a repeat within a few seconds is the same one."""
+    process stops after the same step, whichever got the signal; a launcher may pass on a Ctrl-C that the terminal
+    also sent its workers, so a repeat within a few seconds is the same one."""
     from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
@@ -329,8 +329,10 @@ def held_out_eval(settings: Settings, examples: list[dict], tokenizer, output_di
 
     from grpo_cli.evaluate import score, summarize
     from grpo_cli.generate import ENGINES, Sampling
+    from grpo_cli.models import unsloth_trains
 
     texts = [tokenizer.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in examples]
+    everyone = not unsloth_trains()  # sharded weights (FSDP, ZeRO-3) generate only with every process taking part
     greedy = Sampling(greedy=True, max_tokens=settings.train.max_completion_length)
     every = settings.train.eval_steps
 
@@ -352,13 +354,14 @@ def held_out_eval(settings: Settings, examples: list[dict], tokenizer, output_di
             return {f"eval_{k}": v for k, v in summary.items()} | {"eval_seconds": time.time() - started}
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0 and state.is_world_process_zero:  # the others wait for it at the next step
+            if state.global_step == 0 and (state.is_world_process_zero or everyone):  # the others wait for it
                 metrics = self.evaluate()
-                report.append_metrics(output_dir, {"step": 0, **metrics})
-                Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
+                if state.is_world_process_zero:
+                    report.append_metrics(output_dir, {"step": 0, **metrics})
+                    Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0 and state.is_world_process_zero:
+            if state.global_step % every == 0 and (state.is_world_process_zero or everyone):
                 self.pending = self.evaluate()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
