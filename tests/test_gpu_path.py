@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from grpo_cli import models
 from grpo_cli.config import ModelSettings
 from grpo_cli.generate import Pair, Sampling
-from tests.real_api import attributes_set, compiled, parameters, source
+from tests.real_api import attributes_set, compiled, parameters, source, source_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_NAMES = {"vllm_engine", "fast_generate", "fast_generate_batches", "load_lora", "save_lora"}
@@ -225,6 +225,18 @@ def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, fake_unsloth, has_vllm, ex
     assert models.generation_backend(settings) == (
         "Unsloth GPU + vLLM" if expected else "Unsloth GPU + transformers generate"
     )
+
+
+def test_cuda_load_for_a_vllm_server_is_16_bit_without_unsloths_engine(fake_unsloth, on_gpu):
+    """Unsloth's trainer keeps TRL's server mode only for a model without its own engine (vllm_engine), and TRL
+    sends the server merged weights, which a 4-bit base cannot give."""
+    seen, path, _ = fake_unsloth
+    settings = ModelSettings(model=path, vllm_server="http://gen:8000")
+    models.load_model(settings)
+    assert seen["fast_inference"] is False and seen["load_in_4bit"] is False
+    assert models.generation_backend(settings) == "Unsloth GPU + the vLLM server at http://gen:8000"
+    rl = source_file("unsloth.models.rl").read_text()
+    assert "if hasattr(model, 'vllm_engine') and hasattr(args, 'use_vllm')" in rl  # only then colocate is forced
 
 
 def test_cpu_load_does_not_ask_for_vllm(monkeypatch, fake_unsloth):

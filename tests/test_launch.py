@@ -150,3 +150,16 @@ def test_fsdp2_falls_back_to_plain_trl_and_peft(tmp_path):
     weights = load_file(out / "adapter" / "adapter_model.safetensors")  # gathered whole from both processes
     assert weights["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"].shape == (4, 1536)
     assert metric_steps(out) == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.device_count() >= 2, reason="needs 2 CUDA GPUs")
+def test_ddp_on_two_gpus_keeps_unsloth(tmp_path):
+    model = os.environ.get("GRPO_GPU_MODEL", "smollm2-135m")
+    out = tmp_path / "out"
+    result = run(torchrun("train", "--model", model, "--max-steps", "2", *TINY, "--output-dir", str(out)), timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trains with Unsloth" in result.stdout and "Backend: Unsloth GPU" in result.stdout
+    hashes = digests(result.stderr)
+    assert sorted(hashes) == [0, 1] and hashes[0] == hashes[1]
+    assert metric_steps(out) == [1, 2]
