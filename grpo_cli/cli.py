@@ -113,14 +113,20 @@ def train(
         eval_split=eval_split,
     )  # fmt: skip
     recipe = str(config) if config else None
-    if resume:  # continue with the run's own settings; flags given now still win
-        where = output_dir or (read_recipe(recipe).get("output_dir") if recipe else None) or TrainSettings.output_dir
-        saved = read_manifest(Path(where)).get("settings")
-        if not saved:
-            raise GrpoError(f"--resume: {where} holds no grpo.json from an earlier run: check --output-dir")
-        settings = load_settings(recipe, flags, saved=saved)
-    else:
-        settings = load_settings(recipe, flags)
+    try:
+        if resume:  # continue with the run's own settings; flags given now still win
+            where = (
+                output_dir or (read_recipe(recipe).get("output_dir") if recipe else None) or TrainSettings.output_dir
+            )
+            saved = read_manifest(Path(where)).get("settings")
+            if not saved:
+                raise GrpoError(f"--resume: {where} holds no grpo.json from an earlier run: check --output-dir")
+            settings = load_settings(recipe, flags, saved=saved)
+        else:
+            settings = load_settings(recipe, flags)
+    except GrpoError as exc:  # the same flags and files on every process of a launch: the same error
+        exc.everywhere = True
+        raise
     if dry_run:
         return check_rewards(settings)
     resume = True if resume == "latest" else (resume or False)

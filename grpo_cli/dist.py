@@ -86,16 +86,23 @@ def describe(env: dict | None = None) -> str:
     return f"{processes} processes, {STRATEGIES[name]}; trains with {engine}"
 
 
-def start(cpu: bool) -> None:
-    """Join the launcher's process group (accelerate's state, which the trainer reuses): gloo on CPU, NCCL on CUDA.
-    One process: nothing."""
+def start(cpu: bool, timeout: float = 1800) -> None:
+    """Join the launcher's process group (accelerate's state, which the trainer reuses): gloo on CPU, NCCL on CUDA,
+    waiting ``timeout`` seconds for the others at a collective (the trainer's ddp_timeout). One process: nothing."""
+    import importlib.util
+    from datetime import timedelta
+
+    if strategy() in ("zero2", "zero3") and importlib.util.find_spec("deepspeed") is None:
+        error = GrpoError("DeepSpeed ZeRO is asked for but deepspeed is not installed: pip install deepspeed")
+        error.everywhere = True
+        raise error
     if world_size() == 1:
         return
     from accelerate import PartialState
 
     if cpu:  # accelerate would name the device cpu:0, which torch.load cannot map a resumed optimizer state to
         os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
-    PartialState(cpu=cpu)
+    PartialState(cpu=cpu, timeout=timedelta(seconds=timeout))
 
 
 def finish() -> None:
@@ -107,21 +114,26 @@ def finish() -> None:
 
 
 def agree(check, *args, **kwargs):
-    """Run ``check`` on every process; when any of them raises GrpoError, every process raises the same one (the
-    lowest rank's), so that all stop together instead of some waiting for the others. Returns ``check``'s result."""
-    result, error = None, None
+    """Run ``check`` on every process; when it raises on any of them, every process raises (its own error, or the
+    lowest failing rank's), so that all stop together instead of some waiting for the others. Returns ``check``'s
+    result."""
+    result, own, error = None, None, None
     try:
         result = check(*args, **kwargs)
-    except GrpoError as exc:
-        error = str(exc)
+    except Exception as exc:
+        own, error = exc, str(exc) if isinstance(exc, GrpoError) else f"{type(exc).__name__}: {exc}"
+    errors = [error]
     if world_size() > 1:
         import torch.distributed
 
         errors = [None] * world_size()
         torch.distributed.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        agreed = GrpoError(error)
+    failed = [e for e in errors if e is not None]
+    if own is not None:
+        own.everywhere = all(e == error for e in errors)  # the same on every process: said once a machine
+        raise own
+    if failed:
+        agreed = GrpoError(f"process {errors.index(failed[0])} of {world_size()}: {failed[0]}")
         agreed.everywhere = True
         raise agreed
     return result
@@ -162,8 +174,8 @@ def check_batch(per_device: int, grad_accum: int, generations: int, processes: i
         return
     fits = next(b for b in range(1, generations + 1) if b * grad_accum * processes % generations == 0)
     over = f" x {processes} processes" if processes > 1 else ""
+    divisors = " or ".join(str(d) for d in range(2, batch + 1) if batch % d == 0)
     raise GrpoError(
         f"batch size {per_device} x grad accum {grad_accum}{over} = {batch} must be divisible by num_generations "
-        f"{generations}: use --num-generations {' or '.join(str(d) for d in range(2, batch + 1) if batch % d == 0)}, "
-        f"or --batch-size {fits}"
+        f"{generations}: use " + (f"--num-generations {divisors}, or " if divisors else "") + f"--batch-size {fits}"
     )

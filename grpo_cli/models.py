@@ -174,8 +174,11 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     name = resolve_model(settings.model)
     four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
     chosen = four_bit is None
-    if four_bit is None:  # a vLLM server takes the merged weights in 16-bit from TRL: 4-bit ones it cannot load
-        four_bit = cuda_available() and engine(settings) != "server"
+    if four_bit is None:
+        four_bit = cuda_available()
+    if four_bit and engine(settings) == "server":  # TRL sends the server merged weights: 4-bit ones it cannot load
+        print("vLLM server: the base loads in 16-bit, as TRL sends the server the merged weights")
+        four_bit = False
     kwargs = dict(
         model_name=name,
         max_seq_length=settings.max_seq_length,
@@ -276,8 +279,11 @@ def load_plain(settings: ModelSettings, load_in_4bit: bool | None = None):
     cuda = cuda_available()
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
     four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
-    if four_bit is None:  # TRL sends vLLM the merged weights each step: 4-bit ones it cannot load
-        four_bit = cuda and dist.strategy() != "fsdp2" and engine(settings) == "transformers"
+    four_bit = cuda if four_bit is None else four_bit
+    if four_bit and (dist.strategy() == "fsdp2" or engine(settings) != "transformers"):
+        # FSDP2 shards no 4-bit weights; TRL sends vLLM merged weights each step, which 4-bit ones cannot give
+        print(f"{dist.strategy()}: loading 16-bit, not 4-bit (FSDP2 shards no 4-bit weights; vLLM takes 16-bit ones)")
+        four_bit = False
     quantization = (
         BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype

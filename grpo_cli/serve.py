@@ -43,4 +43,6 @@ def serve(settings: Settings, host: str, port: int, tensor_parallel_size: int, d
     if dry_run:
         return
     trl = Path(sys.executable).parent / "trl"  # the trl of this environment
+    if not trl.is_file():
+        raise GrpoError(f"{trl} is missing: reinstall trl in this environment (make install)")
     os.execv(str(trl), [str(trl), *line[1:]])

@@ -65,10 +65,12 @@ def grpo_config(settings: Settings, cpu: bool, engine: str = "transformers"):
         disable_tqdm=True,
     )
     args.update(t.extra)
+    bitsandbytes = "8bit" in args["optim"] or "paged" in args["optim"]
+    if bitsandbytes and (cpu or dist.strategy() not in dist.UNSLOTH_STRATEGIES):
+        why = "needs CUDA" if cpu else f"does not step {dist.strategy()}'s sharded weights"
+        print(f"{'CPU' if cpu else dist.strategy()}: optimizer {args['optim']} {why}, using adamw_torch")
+        args["optim"] = "adamw_torch"
     if cpu:
-        if "8bit" in args["optim"] or "paged" in args["optim"]:
-            print(f"CPU: optimizer {args['optim']} needs CUDA, using adamw_torch")
-            args["optim"] = "adamw_torch"
         args.update(use_cpu=True, bf16=False, fp16=False)
         args.setdefault("gradient_checkpointing", False)  # recomputing the forward costs time; memory is ample
     else:
@@ -77,6 +79,12 @@ def grpo_config(settings: Settings, cpu: bool, engine: str = "transformers"):
         args.setdefault("fp16", not bf16)
     if engine in ("vllm", "trl-vllm"):
         args["use_vllm"] = True
+    if engine == "trl-vllm":  # TRL's own colocated engine: the run's share of the GPU and context, not TRL's defaults
+        m, d = settings.model, settings.data
+        args.update(
+            vllm_gpu_memory_utilization=m.gpu_memory_utilization,
+            vllm_max_model_length=d.max_prompt_length + t.max_completion_length,
+        )
     if engine == "server":
         args.update(use_vllm=True, vllm_mode="server", vllm_server_base_url=settings.model.vllm_server)
     if dist.world_size() > 1:  # every LoRA weight takes part in each step: no search for unused ones
@@ -129,7 +137,8 @@ def trainer_class(cpu: bool):
         def compute_loss(self, *args, **kwargs):
             out = super().compute_loss(*args, **kwargs)
             loss = out[0] if isinstance(out, tuple) else out
-            if not torch.isfinite(loss.detach()).all():  # before backward: the weights stay those of the last step
+            # before backward, so the weights stay those of the last step; on every process at once under a launcher
+            if dist.any_process(not torch.isfinite(loss.detach()).all()):
                 raise runs.NumericError(
                     f"the loss is {loss.detach().float().mean().item()}: lower --learning-rate or max_grad_norm, "
                     "or look for rewards of extreme size"
@@ -238,7 +247,7 @@ def stop_on_signal():
 
         def handle(self, signum, frame):
             if self.signum is not None:
-                if time.monotonic() - self.at > 3:
+                if dist.world_size() == 1 or time.monotonic() - self.at > 3:
                     os._exit(128 + signum)
                 return
             self.signum, self.at = signum, time.monotonic()
@@ -329,10 +338,8 @@ def held_out_eval(settings: Settings, examples: list[dict], tokenizer, output_di
 
     from grpo_cli.evaluate import score, summarize
     from grpo_cli.generate import ENGINES, Sampling
-    from grpo_cli.models import unsloth_trains
 
     texts = [tokenizer.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in examples]
-    everyone = not unsloth_trains()  # sharded weights (FSDP, ZeRO-3) generate only with every process taking part
     greedy = Sampling(greedy=True, max_tokens=settings.train.max_completion_length)
     every = settings.train.eval_steps
 
@@ -354,14 +361,13 @@ def held_out_eval(settings: Settings, examples: list[dict], tokenizer, output_di
             return {f"eval_{k}": v for k, v in summary.items()} | {"eval_seconds": time.time() - started}
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0 and (state.is_world_process_zero or everyone):  # the others wait for it
+            if state.global_step == 0 and state.is_world_process_zero:  # the others wait for it at the next step
                 metrics = self.evaluate()
-                if state.is_world_process_zero:
-                    report.append_metrics(output_dir, {"step": 0, **metrics})
-                    Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
+                report.append_metrics(output_dir, {"step": 0, **metrics})
+                Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0 and (state.is_world_process_zero or everyone):
+            if state.global_step % every == 0 and state.is_world_process_zero:
                 self.pending = self.evaluate()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -385,7 +391,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     from grpo_cli import models
 
     output_dir = Path(settings.train.output_dir)
-    dist.start(cpu=not models.cuda_available())
+    dist.start(cpu=not models.cuda_available(), timeout=settings.train.extra.get("ddp_timeout", 1800))
 
     # Check the input before anything is loaded or written: on every process, which all stop if one fails
     reward_funcs, checkpoint = dist.agree(check_input, settings, resume, overwrite, resume_anyway)
@@ -425,7 +431,8 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
         from transformers import PrinterCallback
 
         t = settings.train
-        trainer = trainer_class(cpu=not models.cuda_available())(
+        # the CPU generation and log-prob speed-ups fold and pack whole weights: not with FSDP's or ZeRO's shards
+        trainer = trainer_class(cpu=not models.cuda_available() and models.unsloth_trains())(
             model=model,
             processing_class=tokenizer,
             reward_funcs=reward_funcs,
@@ -511,8 +518,18 @@ def check_input(settings: Settings, resume: str | bool, overwrite: bool, resume_
     checkpoint = resume_point(settings, resume, resume_anyway)
     models.resolve_model(settings.model.model, convert=False)
     load_examples(settings.data)
-    if settings.model.vllm_server:
+    if settings.model.vllm_server and dist.is_main():  # TRL's main process alone talks to the server
         models.check_server(settings.model.vllm_server)
+    if settings.model.vllm_server and not (models.cuda_available() and importlib.util.find_spec("vllm")):
+        raise GrpoError(
+            "--vllm-server: TRL sends the server the weights over NCCL, from a CUDA machine with vLLM installed: "
+            "train on one (pip install 'grpo-cli[gpu]'), or drop --vllm-server"
+        )
+    if settings.train.eval_steps and not models.unsloth_trains():
+        raise GrpoError(
+            f"--eval-steps: evaluation during training runs alone or under DDP, not under {dist.strategy()}: "
+            "drop --eval-steps and score the adapter afterwards with grpo eval"
+        )
     return reward_funcs, checkpoint
 
 
@@ -532,17 +549,20 @@ def claim(output_dir: Path, overwrite: bool) -> Path | None:
 def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception) -> runs.RunFailed:
     """After a failure mid-step: the last completed step as a checkpoint and the adapter, the plot, the traceback
     in error.log; returns the one-line error to raise, with its exit code."""
-    from grpo_cli.models import unsloth_trains
-
     kind, code = runs.failure_kind(failure)
     cause = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
-    if not dist.is_main():  # the main process holds the same weights and saves them: one writer a folder
+    if not dist.is_main():
         return runs.RunFailed(f"{dist.process_name()}: {kind} at step {trainer.state.global_step + 1}: {cause}", code)
-    if dist.world_size() > 1 and not unsloth_trains():  # sharded weights cannot be gathered without the others
+    log = runs.write_error_log(output_dir, failure)
+    if dist.world_size() > 1:  # saving takes every process, and the others may have stopped or be waiting elsewhere
         last = runs.latest_good_checkpoint(output_dir)
         again = f"grpo train --resume latest --output-dir {output_dir}" if last else "grpo train --overwrite ..."
-        return runs.RunFailed(f"{kind} at step {trainer.state.global_step + 1}: {cause}; fix it, then: {again}", code)
-    log = runs.write_error_log(output_dir, failure)
+        kept = f"{Path(last).name} is the last checkpoint" if last else "no checkpoint was saved yet"
+        return runs.RunFailed(
+            f"{kind} at step {trainer.state.global_step + 1}: {cause}; {kept}; traceback in {log}; fix the cause, "
+            f"then: {again}",
+            code,
+        )
     for callback in trainer.callback_handler.callbacks:  # the progress bar would hold the terminal
         if getattr(callback, "progress", None) is not None:
             callback.progress.stop()

@@ -188,3 +188,52 @@ def test_doctor_names_processes_and_strategy(monkeypatch):
     facts = dict(doctor.diagnose()[0])
     assert facts["strategy"] == "fsdp2" and facts["processes"].startswith("2 processes, FSDP2")
     assert facts["train backend"].startswith("TRL + PEFT")
+
+
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ["--eval-steps", "2"],
+         "--eval-steps: evaluation during training runs alone or under DDP, not under fsdp2"),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, [],
+         "DeepSpeed ZeRO is asked for but deepspeed is not installed: pip install deepspeed"),
+    ],
+)  # fmt: skip
+def test_what_a_strategy_cannot_do_is_one_line(tmp_path, env, args, message):
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if "DEEPSPEED" in str(env) and importlib.util.find_spec("deepspeed"):
+        pytest.skip("deepspeed is installed here")
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo_cli", "train", *args, "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, env={**os.environ, **env},
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_server_needs_cuda_and_vllm_where_training_runs(server, tmp_path):
+    from tests.test_cli import grpo
+
+    url = f"http://127.0.0.1:{server.server_port}"  # it answers: what is missing is here
+    result = grpo("train", "--vllm-server", url, "--output-dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "from a CUDA machine with vLLM installed" in result.stderr
+
+
+def test_agree_raises_the_processs_own_error():
+    class Special(GrpoError):
+        pass
+
+    def fails():
+        raise Special("the data file is missing")
+
+    with pytest.raises(Special) as raised:  # its own type and traceback, for --debug
+        dist.agree(fails)
+    assert raised.value.everywhere  # one process: said once
+    with pytest.raises(KeyError):
+        dist.agree(lambda: {}["x"])
+    assert dist.agree(lambda: 3) == 3

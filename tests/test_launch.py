@@ -75,20 +75,18 @@ def test_two_processes_average_gradients_and_one_writes(tmp_path):
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in (out / "checkpoint-2").iterdir()}
 
 
-def test_bad_input_stops_every_process_at_once(tmp_path):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--reward", "no_such_reward"], "unknown reward 'no_such_reward'"),  # found once the processes have met
+        (["--num-generations", "4", "--batch-size", "3"], "3 x grad accum 1 x 2 processes = 6"),  # before that
+    ],
+)
+def test_bad_input_stops_every_process_at_once(tmp_path, args, message):
     """Two processes as a launcher starts them; each must exit 2 on its own, with the error said once."""
     port = free_port()
     env = environment() | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    command = [
-        sys.executable,
-        "-m",
-        "grpo_cli",
-        "train",
-        "--reward",
-        "no_such_reward",
-        "--output-dir",
-        str(tmp_path / "o"),
-    ]
+    command = [sys.executable, "-m", "grpo_cli", "train", *args, "--output-dir", str(tmp_path / "o")]
     started = time.time()
     processes = [
         subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
@@ -99,11 +97,11 @@ def test_bad_input_stops_every_process_at_once(tmp_path):
     assert [p.returncode for p in processes] == [2, 2]
     assert time.time() - started < 30
     errors = [line for _, err in outputs for line in err.splitlines() if line.startswith("error:")]
-    assert errors == ["error: " + errors[0].removeprefix("error: ")] and "unknown reward 'no_such_reward'" in errors[0]
+    assert len(errors) == 1 and message in errors[0]
     assert not (tmp_path / "o").exists()
     # under torchrun itself
-    result = run(torchrun("train", "--reward", "no_such_reward", "--output-dir", str(tmp_path / "o")), timeout=60)
-    assert result.returncode != 0 and result.stderr.count("error: unknown reward 'no_such_reward'") == 1
+    result = run(torchrun("train", *args, "--output-dir", str(tmp_path / "o")), timeout=60)
+    assert result.returncode != 0 and result.stderr.count(message) == 1
 
 
 def test_sigint_to_the_launcher_saves_once_and_resume_continues(tmp_path):
