@@ -152,13 +152,6 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
-def wait_for_everyone() -> None:
-    if world_size() > 1:
-        import torch.distributed
-
-        torch.distributed.barrier()
-
-
 def check_batch(per_device: int, grad_accum: int, generations: int, processes: int | None = None) -> None:
     """TRL generates per_device x processes x grad_accum completions at a time, in whole groups of G.
 

@@ -7,7 +7,6 @@ import shutil
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 from grpo_cli.errors import GrpoError
@@ -72,15 +71,6 @@ def acquire_lock(output_dir: Path) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump({"pid": os.getpid(), "started": time.time()}, f)
         return lock
-
-
-@contextmanager
-def locked(output_dir: Path):
-    lock = acquire_lock(output_dir)
-    try:
-        yield lock
-    finally:
-        release_lock(lock)
 
 
 def read_lock(lock: Path) -> dict | None:
