@@ -75,15 +75,13 @@ def _zero_stage(config_file: str | None) -> int | None:
         return None
 
 
-def describe(env: dict | None = None) -> str:
+def describe() -> str:
     """One line: processes, strategy and what trains under it."""
-    env = os.environ if env is None else env
-    name = strategy(env)
-    processes = int(env.get("WORLD_SIZE", "1"))
+    name = strategy()
     if name == "single":
         return "1 process"
     engine = "Unsloth" if name in UNSLOTH_STRATEGIES else "plain TRL + PEFT (Unsloth does not support it)"
-    return f"{processes} processes, {STRATEGIES[name]}; trains with {engine}"
+    return f"{world_size()} processes, {STRATEGIES[name]}; trains with {engine}"
 
 
 def start(cpu: bool, timeout: float = 1800) -> None:

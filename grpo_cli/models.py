@@ -196,7 +196,7 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
                 f"pass a local path, or use the embedded {EMBEDDED}"
             ) from exc
         raise GrpoError(f"could not load model {settings.model}: {str(exc).splitlines()[0][:200]}") from exc
-    if chosen and not four_bit:
+    if chosen and not cuda_available():  # a vLLM server's 16-bit base on a GPU is said above
         print(cpu_precision_line(model.dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -227,7 +227,7 @@ def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, fake_unsloth, has_vllm, ex
     )
 
 
-def test_cuda_load_for_a_vllm_server_is_16_bit_without_unsloths_engine(fake_unsloth, on_gpu):
+def test_cuda_load_for_a_vllm_server_is_16_bit_without_unsloths_engine(fake_unsloth, on_gpu, capsys):
     """Unsloth's trainer keeps TRL's server mode only for a model without its own engine (vllm_engine), and TRL
     sends the server merged weights, which a 4-bit base cannot give."""
     seen, path, _ = fake_unsloth
@@ -235,6 +235,7 @@ def test_cuda_load_for_a_vllm_server_is_16_bit_without_unsloths_engine(fake_unsl
     models.load_model(settings)
     assert seen["fast_inference"] is False and seen["load_in_4bit"] is False
     assert models.generation_backend(settings) == "Unsloth GPU + the vLLM server at http://gen:8000"
+    assert "CPU (" not in capsys.readouterr().out  # the 16-bit line is the server's, not the CPU's
     rl = source_file("unsloth.models.rl").read_text()
     assert "if hasattr(model, 'vllm_engine') and hasattr(args, 'use_vllm')" in rl  # only then colocate is forced
 
