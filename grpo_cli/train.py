@@ -98,31 +98,6 @@ def grpo_config(settings: Settings, cpu: bool, engine: str = "transformers"):
         ) from exc
 
 
-def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool):
-    """The G completions of a prompt share it: run each distinct prompt once, then every completion on its cached
-    keys and values (gradients flow back through the cache). The same log-probs and entropies as one forward over
-    prompt + completion, with the prompt's tokens computed once instead of G times. None when nothing is shared."""
-    import torch
-
-    start = input_ids.size(1) - logits_to_keep - 1  # the last prompt token predicts the first completion token
-    if start < 1:
-        return None
-    keys = torch.cat([input_ids[:, :start], attention_mask[:, :start]], 1)
-    prompts, rows = torch.unique(keys, dim=0, return_inverse=True)
-    if len(prompts) == len(input_ids):
-        return None
-    cache = model(
-        input_ids=prompts[:, :start], attention_mask=prompts[:, start:], use_cache=True, logits_to_keep=1
-    ).past_key_values
-    cache.batch_select_indices(rows)
-    suffix = input_ids[:, start:]
-    labels = suffix.masked_fill(attention_mask[:, start:] == 0, -100)
-    out = model(
-        input_ids=suffix, attention_mask=attention_mask, past_key_values=cache, labels=labels, fused_lm_head=True
-    )
-    return out.log_probs, out.entropy if compute_entropy else None
-
-
 def trainer_class(cpu: bool):
     """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite;
     otherwise used as it is on a GPU. On CPU its
@@ -131,7 +106,7 @@ def trainer_class(cpu: bool):
     import torch
     from trl import GRPOTrainer
 
-    from grpo_cli.generate import cpu_generation, prompts_prefilled_once
+    from grpo_cli.generate import cpu_generation, prompts_prefilled_once, shared_prompt_logps
 
     class Trainer(GRPOTrainer):
         def compute_loss(self, *args, **kwargs):
