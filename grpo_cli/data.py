@@ -3,6 +3,7 @@
 import glob
 import json
 import random
+import re
 from pathlib import Path
 
 from grpo_cli.config import DataSettings
@@ -47,61 +48,149 @@ def arithmetic_problems(split: str, count: int = 2000, seed: int = 0) -> list[di
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED = ("dataset_dict.json", "state.json")  # a folder written by save_to_disk
+ROW = '{"question": ..., "answer": ...}'
 
 
-def _first_bad_json_line(path: Path) -> int | None:
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError:
-                return number
-    return None
+def _kind(value) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _lines(path: Path):
+    """(number, text) of each line of a UTF-8 file (a BOM allowed); a line that is not UTF-8 stops with its number."""
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise GrpoError(
+                        f"{path} line {number} is not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+                        ": save the file as UTF-8"
+                    ) from None
+    except OSError as exc:
+        raise GrpoError(f"data file {path} cannot be read ({exc.strerror}): check its permissions") from exc
+
+
+def _json_lines(path: Path) -> int:
+    """The rows of a JSON lines file, each checked to be one JSON object."""
+    rows = 0
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GrpoError(
+                f"{path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}): fix or remove that line"
+            ) from None
+        if not isinstance(row, dict):
+            raise GrpoError(f"{path} line {number} is {_kind(row)}, not a JSON object: write each row as {ROW}")
+        rows += 1
+    return rows
+
+
+def _json(path: Path) -> tuple[int, bool]:
+    """The rows of a .json file -> (count, whether they are under "data"). A file that is not one JSON document is
+    read as JSON lines."""
+    text = "".join(line for _, line in _lines(path))
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return _json_lines(path), False
+    under_data = isinstance(whole, dict) and isinstance(whole.get("data"), list)
+    if isinstance(whole, dict) and not under_data:
+        keyed = [k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        if keyed:
+            raise GrpoError(
+                f'{path} holds its rows under {keyed[0]!r}: put them under "data" ({{"data": [...]}}), '
+                "or write the file as a list of rows"
+            )
+        return 1, False  # one object: one row
+    rows = whole["data"] if under_data else whole
+    if not isinstance(rows, list):
+        raise GrpoError(f"{path} holds {_kind(rows)}: give a list of rows [{ROW}, ...], or one JSON object a line")
+    bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict)), None)
+    if bad:
+        raise GrpoError(f"{path} row {bad} is {_kind(rows[bad - 1])}, not a JSON object: write each row as {ROW}")
+    return len(rows), under_data
+
+
+def _csv(path: Path) -> tuple[int, list[str]]:
+    """The rows and the header of a CSV file; a row with more fields than the header is an error with its line
+    (pandas would quietly take the first column as the index)."""
+    import csv
+
+    records = csv.reader((line for _, line in _lines(path)))
+    header = next(records, None)
+    rows, start = 0, records.line_num + 1
+    for record in records:
+        if len(record) > len(header or []):
+            raise GrpoError(
+                f"{path} line {start} has {len(record)} fields and the header {len(header)}: quote the fields that "
+                'hold commas ("a, b") or fix the header'
+            )
+        rows, start = rows + bool(record), records.line_num + 1
+    if header and not rows:
+        raise GrpoError(f"data file {path} has a header and no rows: add one row per example below it")
+    return rows, header or []
 
 
 def _from_files(pattern: str) -> list[dict]:
     """Local data files (one, or several through a glob) of one format, with ``datasets``."""
-    from datasets import load_dataset
+    from datasets import Features, Value, load_dataset
 
     where = str(Path(pattern).expanduser())
-    files = sorted(glob.glob(where)) if glob.has_magic(pattern) else [where]
-    if not files or not Path(files[0]).is_file():
-        what = "no file matches" if glob.has_magic(pattern) else "does not exist"
+    matched = sorted(glob.glob(where)) if glob.has_magic(pattern) else [where]
+    files = [f for f in matched if Path(f).is_file()]
+    if not files:
+        what = "does not exist"
+        if glob.has_magic(pattern):
+            what = "matches only folders" if matched else "no file matches"
         raise GrpoError(f"data file {pattern} {what}: give an existing {', '.join(BUILDERS)} file, or a glob of them")
     suffixes = {Path(f).suffix.lower() for f in files}
     if len(suffixes) > 1 or (suffix := suffixes.pop()) not in BUILDERS:
+        found = ", ".join(sorted({Path(f).suffix or "(no extension)" for f in files}))
         raise GrpoError(
-            f"{pattern}: unknown data format {', '.join(sorted({Path(f).suffix for f in files}))!r}: "
-            f"use {', '.join(BUILDERS)} files, one format at a time"
+            f"{pattern}: unknown data format {found!r}: use {', '.join(BUILDERS)} files, one format at a time"
         )
-    if all(Path(f).stat().st_size == 0 for f in files):
+    # Check the text formats here, where a bad row can be named by its line; datasets would not say which
+    options, rows = {}, None
+    if suffix == ".jsonl":
+        rows = sum(_json_lines(Path(f)) for f in files)
+    elif suffix == ".json":
+        counted = [_json(Path(f)) for f in files]
+        rows = sum(n for n, _ in counted)
+        if counted[0][1]:
+            options["field"] = "data"  # {"data": [...]}; a .json of one object a line is read as JSON lines
+    elif suffix == ".csv":
+        counted = [_csv(Path(f)) for f in files]
+        rows = sum(n for n, _ in counted)
+        headers = {tuple(h) for _, h in counted}
+        if len(headers) == 1 and len(set(header := headers.pop())) == len(header):
+            # as text, as written: "007" stays "007", an empty cell is "" and "NA" is "NA", not a float or null
+            options.update(features=Features({h: Value("string") for h in header}), keep_default_na=False)
+    if rows == 0 or all(Path(f).stat().st_size == 0 for f in files):
         raise GrpoError(f"data file {pattern} holds no rows: give a file with at least one example")
-    options = {}
-    if suffix == ".json" and _one_object_with_data(Path(files[0])):
-        options["field"] = "data"  # {"data": [...]}; a .json of one object a line is read as JSON lines
     try:
         return list(load_dataset(BUILDERS[suffix], data_files=files, split="train", **options))
     except Exception as exc:
-        if suffix == ".jsonl" and (line := next(filter(None, map(_first_bad_json_line, map(Path, files))), None)):
-            bad = next(f for f in files if _first_bad_json_line(Path(f)))
-            raise GrpoError(f"{bad} line {line} is not valid JSON: fix or remove that line") from exc
-        cause = str(exc.__cause__ or exc).splitlines()[0][:120]
-        raise GrpoError(f"{pattern} could not be read as {suffix[1:]} ({cause}): check the file") from exc
-
-
-def _one_object_with_data(path: Path) -> bool:
-    try:
-        whole = json.loads(path.read_text())
-    except ValueError:
-        return False
-    return isinstance(whole, dict) and isinstance(whole.get("data"), list)
+        cause = str(exc.__cause__ or exc).splitlines()[0][:120] if str(exc.__cause__ or exc) else type(exc).__name__
+        if unclosed := re.search(r"EOF inside string starting at row (\d+)", cause):
+            raise GrpoError(
+                f'{pattern}: a quote (") opened on line {int(unclosed[1]) + 1} is never closed: close it, '
+                'and write a quote inside a quoted field as two ("")'
+            ) from exc
+        raise GrpoError(
+            f"{pattern} could not be read as {suffix[1:]} ({cause}): check that the file really is {suffix[1:]}"
+        ) from exc
 
 
 def _pick_split(data, split: str, where: str):
     from datasets import DatasetDict
 
     if not isinstance(data, DatasetDict):
-        return data
+        return data  # one data set without splits, read whole as a data file is
     if split not in data:
         raise GrpoError(f"{where} has no split {split!r} (splits: {', '.join(data)}): use --split NAME")
     return data[split]
@@ -112,10 +201,18 @@ def _from_folder(path: Path, split: str, config: str | None) -> list[dict]:
     from datasets import load_dataset, load_from_disk
 
     if any((path / name).is_file() for name in SAVED):
-        return list(_pick_split(load_from_disk(str(path)), split, str(path)))
+        try:
+            data = load_from_disk(str(path))
+        except Exception as exc:
+            cause = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise GrpoError(f"{path} looks written by save_to_disk but does not load ({cause}): save it again") from exc
+        return list(_pick_split(data, split, str(path)))
     try:
         data = load_dataset(str(path), config)
     except Exception as exc:
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):  # a bad row in a data file, by its line
+            if check := {".jsonl": _json_lines, ".json": _json, ".csv": _csv}.get(file.suffix.lower()):
+                check(file)
         raise GrpoError(
             f"{path} is not a dataset folder ({str(exc).splitlines()[0][:120]}): give a folder written by "
             "save_to_disk, one with data files (.jsonl, .csv, .parquet, ...), or a data file"
@@ -166,33 +263,65 @@ def raw_rows(settings: DataSettings) -> list[dict]:
     return rows
 
 
+def _text(value, name: str, row: int, field: str) -> str:
+    """A question or answer cell as text: a number as written (an integral float without ``.0``); a missing,
+    empty or nested value is an error naming its row."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a column of ints and floats is read as floats: 42, not 42.0
+    if value is None or (isinstance(value, float) and value != value):
+        raise GrpoError(f"{name} row {row} has no {field!r} (null): fill it in or remove the row")
+    if isinstance(value, (dict, list)):
+        raise GrpoError(f"{name} row {row}: {field!r} is {_kind(value)}, not text: give it as a string")
+    text = str(value)
+    if not text.strip():
+        raise GrpoError(f"{name} row {row}: {field!r} is empty: fill it in or remove the row")
+    return text
+
+
+def _messages(value, name: str, row: int) -> list[dict]:
+    roles = ("system", "user", "assistant")
+    if not (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and m.get("role") in roles and isinstance(m.get("content"), str) for m in value)
+    ):
+        raise GrpoError(
+            f"{name} row {row}: 'prompt' is not a list of chat messages: give "
+            '[{"role": "user", "content": "..."}, ...] with roles system, user or assistant'
+        )
+    return list(value)
+
+
 def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], int]:
     """Rows -> chat prompts with answers. Rows that hold a chat ``prompt`` already (TRL's conversational format)
     keep it, with the system prompt added when they have none. GSM8K-style answers keep the text after ``####``;
     in such a set, rows without it are dropped. Returns the examples and how many were dropped."""
-    q, a = settings.question_field, settings.answer_field
+    q, a, name = settings.question_field, settings.answer_field, settings.dataset
     conversational = isinstance(rows[0].get("prompt"), list)
     missing = [f for f in ((a,) if conversational else (q, a)) if f not in rows[0]]
     if missing:
         flag = "--question-field" if q in missing else "--answer-field"
-        raise GrpoError(
-            f"field {missing[0]!r} is not in the data (fields: {', '.join(map(str, rows[0]))}): use {flag} NAME"
-        )
-    gsm8k = any("####" in str(r.get(a, "")) for r in rows)
+        fields = list(map(str, rows[0]))
+        sep = next((s for s in ";\t|" if len(fields) == 1 and s in fields[0]), None)
+        fix = f"the file looks separated by {sep!r}: save it with commas" if sep else f"use {flag} NAME"
+        raise GrpoError(f"field {missing[0]!r} is not in the data (fields: {', '.join(fields)}): {fix}")
+    answers = [_text(row.get(a), name, i, a) for i, row in enumerate(rows, 1)]
+    gsm8k = any("####" in answer for answer in answers)
     system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
     examples, dropped = [], 0
-    for row in rows:
-        answer = str(row.get(a, ""))
+    for i, (row, answer) in enumerate(zip(rows, answers), 1):
         if gsm8k:
             if "####" not in answer:
                 dropped += 1
                 continue
             answer = answer.split("####")[1].strip().replace(",", "")
+            if not answer:
+                raise GrpoError(f"{name} row {i}: nothing follows '####' in {a!r}: write the final answer after it")
         if conversational:
-            messages = list(row["prompt"])
-            prompt = messages if any(m.get("role") == "system" for m in messages) else system + messages
+            messages = _messages(row.get("prompt"), name, i)
+            prompt = messages if any(m["role"] == "system" for m in messages) else system + messages
         else:
-            prompt = system + [{"role": "user", "content": str(row[q])}]
+            prompt = system + [{"role": "user", "content": _text(row.get(q), name, i, q)}]
         examples.append({"prompt": prompt, "answer": answer})
     return examples, dropped
 
@@ -203,6 +332,8 @@ def prompt_length(tokenizer, messages: list[dict]) -> int:
 
 def load_examples(settings: DataSettings, tokenizer=None) -> list[dict]:
     """The examples for training or evaluation, filtered by ``max_prompt_length`` when a tokenizer is given."""
+    if settings.limit is not None and settings.limit <= 0:
+        raise GrpoError(f"limit must be a positive number of examples, got {settings.limit}: drop --limit to use all")
     examples, dropped = to_examples(raw_rows(settings), settings)
     if dropped:
         print(f"Dropped {dropped} rows without a '####' answer line")
@@ -216,9 +347,8 @@ def load_examples(settings: DataSettings, tokenizer=None) -> list[dict]:
                 "tokens: raise --max-prompt-length"
             )
         if len(kept) < len(examples):
-            print(
-                f"Dropped {len(examples) - len(kept)} of {len(examples)} prompts longer than {settings.max_prompt_length} tokens"
-            )
+            longer = len(examples) - len(kept)
+            print(f"Dropped {longer} of {len(examples)} prompts longer than {settings.max_prompt_length} tokens")
         examples = kept
     return examples
 
@@ -234,13 +364,19 @@ def eval_examples(settings: DataSettings, train: list[dict], limit: int, seed: i
         settings, dataset=settings.eval_dataset or settings.dataset, split=settings.eval_split or "test", limit=limit
     )
     path = Path(source.dataset).expanduser()
-    splits = source.dataset == GENERATED or path.is_dir() or not (path.suffix or glob.has_magic(source.dataset))
-    if named or splits:
+    files = not path.is_dir() and bool(path.suffix or glob.has_magic(source.dataset))
+    whole = files or (path / "state.json").is_file()  # data files, or a save_to_disk folder of one Dataset: no splits
+    if settings.eval_split and whole:  # read whole, "its split" would be the training data itself
+        raise GrpoError(
+            f"--eval-split {settings.eval_split}: {source.dataset} has no splits: give the evaluation data as "
+            "--eval-dataset instead"
+        )
+    if named or not whole:
         try:
             return load_examples(source, tokenizer), train, f"{source.dataset} ({source.split})"
-        except GrpoError:
-            if named:
-                raise
+        except GrpoError as exc:
+            if named:  # the flag that names the evaluation split is --eval-split
+                raise GrpoError(f"evaluation set: {str(exc).replace('use --split', 'use --eval-split')}") from exc
     rng = random.Random(seed)
     order = rng.sample(range(len(train)), len(train))
     held = set(order[: min(limit, len(train) // 5)])  # at most a fifth of the training data

@@ -50,28 +50,42 @@ def split_weight(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
 def _load_user_reward(target: str):
     where, _, attr = target.rpartition(":")
-    if where.endswith(".py"):
-        path = Path(where)
+    if not where or not attr:
+        raise GrpoError(f"reward {target!r} names no {'function' if where else 'module'}: give module:function")
+    path = Path(where).expanduser()
+    if where.endswith(".py") or path.is_file():
+        if path.is_dir():
+            raise GrpoError(f"reward file {where} is a folder: give path/to/file.py:function")
         if not path.is_file():
             raise GrpoError(f"reward file {where} does not exist: give an existing path/to/file.py:function")
+        if path.suffix != ".py":
+            raise GrpoError(f"reward file {where} is not a .py file: put the reward in a Python file, file.py:function")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
-        except Exception as exc:
-            raise GrpoError(
-                f"reward file {where} failed to import ({type(exc).__name__}: {exc}): fix it and retry"
-            ) from exc
+        except (Exception, SystemExit) as exc:  # a file that calls sys.exit() or exit() on import
+            raise GrpoError(f"reward file {where} failed to import ({_first_line(exc)}): fix it and retry") from exc
     else:
         try:
             module = importlib.import_module(where)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             raise GrpoError(
-                f"reward module {where} does not import ({type(exc).__name__}: {exc}): check the name and PYTHONPATH"
+                f"reward module {where} does not import ({_first_line(exc)}): check the name and PYTHONPATH"
             ) from exc
-    func = getattr(module, attr, None)
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        close = difflib.get_close_matches(attr, public, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"its functions: {', '.join(public[:10]) or 'none'}"
+        raise GrpoError(f"{where} has no {attr!r}: {hint}")
+    func = getattr(module, attr)
     if not callable(func):
         raise GrpoError(f"{target} is not a callable in {where}: name a function defined there")
     return func
@@ -80,6 +94,13 @@ def _load_user_reward(target: str):
 def resolve(spec: str):
     """``NAME[:WEIGHT]`` (a registry name, ``pkg.module:function`` or ``file.py:function``) -> (function, weight)."""
     target, weight = split_weight(spec)
+    if not math.isfinite(weight):
+        raise GrpoError(
+            f"reward {spec}: the weight {weight} is not a finite number: give NAME:WEIGHT, as correctness:2"
+        )
+    head, sep, tail = target.rpartition(":")
+    if sep and head in REWARDS:
+        raise GrpoError(f"reward {spec}: the weight {tail!r} is not a number: give NAME:WEIGHT, as {head}:0.5")
     if target in REWARDS:
         return REWARDS[target], weight
     if ":" in target:
