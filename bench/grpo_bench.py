@@ -120,16 +120,19 @@ def torch_chunked_logprob():
 
 
 def load(engine, args):
-    from grpo_cli.config import ModelSettings
+    from grpo_cli.config import ModelSettings, Settings
+    from grpo_cli.plan import resolve
 
     settings = ModelSettings(model=args.model, lora_rank=args.lora_rank, load_in_4bit=args.four_bit, max_seq_length=512)
+    plan = resolve(Settings(model=settings))
     if engine == "grpo":
         from grpo_cli import models
 
-        model, tokenizer = models.load_model(settings)
-        precision = "4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype).replace("torch.", "")
-        engine = ", vLLM generation" if hasattr(model, "vllm_engine") else ""
-        return models.add_lora(model, settings), tokenizer, f"Unsloth, {precision}{engine}"
+        models.patch_fast_rl(plan)
+        model, tokenizer = models.load_model(settings, plan)
+        precision = "4-bit" if plan.load_in_4bit else plan.compute
+        engine = ", vLLM generation" if plan.generator == "vllm" else ""
+        return models.add_lora(model, settings, plan), tokenizer, f"Unsloth, {precision}{engine}", plan
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -179,7 +182,7 @@ def one_run(args) -> dict:
     from grpo_cli.data import arithmetic_problems
     from rewards import REWARDS
 
-    model, tokenizer, note = load(args.engine, args)
+    model, tokenizer, note, plan = load(args.engine, args)
     generation_seconds = []
 
     def timed(generate):
@@ -219,15 +222,11 @@ def one_run(args) -> dict:
                 beta=0.0, logging_steps=1, report_to="none", seed=args.seed, temperature=1.0)  # fmt: skip
     if args.engine == "grpo":  # grpo's own GRPOConfig mapping and trainer class
         from grpo_cli.config import DataSettings, Settings, TrainSettings
-        from grpo_cli.train import grpo_config, trainer_class
+        from grpo_cli.trainer import grpo_config, trainer_class
 
         train = TrainSettings(**same, extra={"save_strategy": "no"})
         settings = Settings(data=DataSettings(rewards=["answer_tag"]), train=train)
-        vllm = llm is not None
-        config, GRPOTrainer = (
-            grpo_config(settings, cpu=cpu, engine="vllm" if vllm else "transformers"),
-            trainer_class(cpu),
-        )  # noqa: N806
+        config, GRPOTrainer = grpo_config(settings, plan), trainer_class(plan)  # noqa: N806
     else:
         config = GRPOConfig(**same, save_strategy="no", disable_tqdm=True, use_cpu=cpu,
                             bf16=not cpu and torch.cuda.is_bf16_supported())  # fmt: skip

@@ -129,8 +129,7 @@ def model_card(manifest: dict) -> str:
 
 # GRPO LoRA adapter for {base}
 
-A LoRA adapter trained with [grpo](https://pypi.org/project/grpo-cli/) (GRPO with TRL's `GRPOTrainer`, Unsloth and
-PEFT) for {manifest.get("step", "?")} steps; mean reward at the last step: {"?" if reward is None else f"{reward:.3f}"}.
+A LoRA adapter trained with grpo (GRPO with TRL's `GRPOTrainer`, Unsloth and PEFT) for {manifest.get("step", "?")} steps; mean reward at the last step: {"?" if reward is None else f"{reward:.3f}"}.
 Prompt it with the system prompt below, as it was trained.
 
 ## System prompt
@@ -248,6 +247,39 @@ def save_lora(
     return written
 
 
+LLAMA_CPP_QUANTIZERS = ("llama-quantize", "quantize")  # as unsloth_zoo.llama_cpp.check_llama_cpp looks for them
+LLAMA_CPP_CONVERTERS = ("convert_hf_to_gguf.py", "convert-hf-to-gguf.py")
+
+
+def llama_cpp_dir() -> Path:
+    """Where Unsloth's GGUF export looks for llama.cpp: UNSLOTH_LLAMA_CPP_PATH, else ~/.unsloth/llama.cpp."""
+    return Path(os.environ.get("UNSLOTH_LLAMA_CPP_PATH") or Path.home() / ".unsloth" / "llama.cpp").expanduser()
+
+
+def check_gguf_export(manifest: dict) -> None:
+    """Before any model loads: a GPU for Unsloth's export, and a llama.cpp it can use. Without one Unsloth would
+    download and build it after the 16-bit merge, which needs the network and a compiler."""
+    from grpo_cli.config import ModelSettings
+    from grpo_cli.plan import for_inference
+
+    if not for_inference(ModelSettings(model=manifest["base_model"]), manifest.get("plan")).cuda:
+        raise GrpoError(
+            "--gguf needs Unsloth's GPU backend: here, write --merged and convert that directory with llama.cpp's "
+            "convert_hf_to_gguf.py"
+        )
+    folder = llama_cpp_dir()
+    quantizer = any(os.access(folder / name, os.X_OK) for name in LLAMA_CPP_QUANTIZERS)
+    converter = any((folder / name).is_file() for name in LLAMA_CPP_CONVERTERS)
+    if not (quantizer and converter):
+        missing = " and ".join(
+            [f"an executable {LLAMA_CPP_QUANTIZERS[0]}"] * (not quantizer) + [LLAMA_CPP_CONVERTERS[0]] * (not converter)
+        )
+        raise GrpoError(
+            f"--gguf: llama.cpp at {folder} lacks {missing}: build llama.cpp, copy build/bin/llama-quantize into "
+            "its root, and set UNSLOTH_LLAMA_CPP_PATH to that folder (or write --merged and convert it yourself)"
+        )
+
+
 def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, force: bool) -> Path:
     adapter, manifest = find_adapter(source)
     if not manifest:
@@ -256,13 +288,7 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
     if occupied(out_dir) and not force:
         raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
     if gguf:
-        from grpo_cli.models import cuda_available
-
-        if not cuda_available():
-            raise GrpoError(
-                "--gguf needs Unsloth's GPU backend (it builds llama.cpp): here, write --merged and convert "
-                "that directory with llama.cpp's convert_hf_to_gguf.py"
-            )
+        check_gguf_export(manifest)
     if not (merged or gguf):
 
         def write(tmp: Path) -> None:
@@ -277,8 +303,9 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
     # imported first (load_model, or from_pretrained here), then PEFT
     from grpo_cli.config import ModelSettings
     from grpo_cli.models import load_model
+    from grpo_cli.plan import for_inference
 
-    settings = ModelSettings(model=manifest["base_model"], fast_inference=False)
+    settings = ModelSettings(model=manifest["base_model"], fast_inference=False, load_in_4bit=False)
     if gguf:
         from unsloth import FastLanguageModel
 
@@ -303,7 +330,7 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
                     shutil.rmtree(path)
             write_json(tmp / MANIFEST, manifest | {"format": f"gguf {gguf}"})
     else:
-        model, tokenizer = load_model(settings, load_in_4bit=False)
+        model, tokenizer = load_model(settings, for_inference(settings))
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

@@ -137,8 +137,10 @@ def check_rewards(settings) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from grpo_cli.train import reward_check
+    from grpo_cli.evaluate import reward_check
+    from grpo_cli.plan import resolve
 
+    print(resolve(settings).line())
     rows, unparsed, prompts, g = reward_check(settings)
     table = Table(title=f"Rewards on {prompts} prompts x {g} base-model completions")
     for column in ("reward", "mean", "std", "groups with no spread"):
@@ -202,9 +204,10 @@ def save_lora(
 def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
     prompts = list(prompt or [])
     if prompts_file:
-        if not prompts_file.is_file():
-            raise GrpoError(f"prompts file {prompts_file} does not exist: give a text file with one prompt a line")
-        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        from grpo_cli.config import read_text_file
+
+        text = read_text_file(prompts_file, "prompts file", "--prompt TEXT")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
             raise GrpoError(f"prompts file {prompts_file} is empty: put one prompt on each line")
     if not prompts and not sys.stdin.isatty():
@@ -238,6 +241,7 @@ def infer(
     prompts = read_prompts(prompt, prompts_file)
     with contextlib.redirect_stdout(sys.stderr):  # libraries print while loading: keep stdout for answers
         pair = Pair(model, lora)
+        print(pair.plan.line())
         texts = pair.texts(prompts, system_prompt)
         sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         base = pair.base(texts, sampling)
@@ -283,23 +287,30 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
+    from grpo_cli.adapter import find_adapter
     from grpo_cli.config import DataSettings
-    from grpo_cli.evaluate import COLUMNS, flipped
+    from grpo_cli.data import load_examples
+    from grpo_cli.evaluate import COLUMNS, check_output_dir, flipped
     from grpo_cli.evaluate import evaluate as run
     from grpo_cli.generate import Pair, Sampling
 
-    pair = Pair(model, lora)
-    trained = pair.manifest.get("settings", {})
+    # Before any model loads: the output folder, the adapter and the data
+    check_output_dir(output_dir, overwrite)
+    manifest = find_adapter(lora)[1] if lora else {}
+    trained = manifest.get("settings", {})
     data = DataSettings(
         dataset=dataset or trained.get("data", {}).get("dataset", "arithmetic"),
         split=split,
         dataset_config=dataset_config or trained.get("data", {}).get("dataset_config"),
         question_field=question_field,
         answer_field=answer_field,
-        system_prompt=pair.manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
+        system_prompt=manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
         limit=limit,
     )
-    rewards = reward or pair.manifest.get("rewards") or ["numeric_correctness"]
+    load_examples(data)
+    pair = Pair(model, lora)
+    print(pair.plan.line())
+    rewards = reward or manifest.get("rewards") or ["numeric_correctness"]
     length = max_tokens or trained.get("train", {}).get("max_completion_length", 256)
     sampling = Sampling(temperature=temperature, max_tokens=length, seed=seed, greedy=not sample)
     summaries, base, tuned = run(pair, data, sampling, rewards, output_dir, overwrite)

@@ -56,7 +56,7 @@ class ModelSettings:
     max_lora_rank: int | None = None  # None: equal to lora_rank
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     fast_inference: bool = True  # vLLM generation, where CUDA and vLLM are present
-    gpu_memory_utilization: float = 0.6
+    gpu_memory_utilization: float | None = None  # None: 0.6, or under standby the share Unsloth sizes for it
     vllm_standby: bool = False  # Unsloth's standby: vLLM and training share GPU memory
     vllm_server: str | None = None  # http://HOST:PORT of a vLLM server (`grpo serve`) that generates for training
     random_state: int = 3407
@@ -127,14 +127,29 @@ def _names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
 
+# GRPOConfig and the classes it inherits its fields from, in the installed trl and transformers
+GRPO_CONFIG_CLASSES = [
+    ("trl", "trainer/grpo_config.py", "GRPOConfig"),
+    ("trl", "trainer/base_config.py", "_BaseConfig"),
+    ("transformers", "training_args.py", "TrainingArguments"),
+]
+
+
 def grpo_config_fields() -> set[str]:
-    import importlib.util
+    """GRPOConfig's field names, read from the installed sources: importing trl here would come before unsloth,
+    and importing unsloth would patch trl, a choice that belongs to the run plan alone."""
+    import ast
+    import importlib.machinery
 
-    if importlib.util.find_spec("unsloth"):
-        import unsloth  # noqa: F401  (it must come before trl and transformers in a training process)
-    from trl import GRPOConfig
-
-    return {f.name for f in dataclasses.fields(GRPOConfig)}
+    names = set()
+    for package, path, name in GRPO_CONFIG_CLASSES:
+        spec = importlib.machinery.PathFinder.find_spec(package)  # found, not imported
+        if spec is None or not spec.submodule_search_locations:
+            raise GrpoError(f"{package} is not installed: run `make install`")
+        tree = ast.parse((Path(spec.submodule_search_locations[0]) / path).read_text())
+        (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+        names |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    return names
 
 
 def apply(settings: Settings, values: dict, source: str, others: dict) -> None:
@@ -150,8 +165,7 @@ def apply(settings: Settings, values: dict, source: str, others: dict) -> None:
 
 
 def check_others(others: dict) -> None:
-    """Keys that are no setting of ours must be GRPOConfig fields. Reading those imports unsloth, so this runs
-    after ``unsloth_environment``: unsloth reads some settings from the environment once, on import."""
+    """Keys that are no setting of ours must be GRPOConfig fields."""
     if not others:
         return
     fields = grpo_config_fields()
@@ -168,21 +182,87 @@ def unsloth_environment(model: ModelSettings) -> None:
     """Settings unsloth reads from the environment when it is first imported: set before that import."""
     if model.vllm_standby:
         os.environ["UNSLOTH_VLLM_STANDBY"] = "1"
+        if model.gpu_memory_utilization is not None:  # Unsloth replaces any other share under standby unless told
+            os.environ["UNSLOTH_VLLM_STANDBY_UTIL_OVERRIDE"] = "1"
 
 
 def read_recipe(path: str) -> dict:
+    """The recipe's settings, each of the type its dataclass field declares (GRPOConfig's own are TRL's to check)."""
+    import re
+    import types
+    import typing
+
     import yaml
 
-    p = Path(path)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        inside = ", ".join(sorted(f.name for f in p.glob("*.yaml"))[:5])
+        raise GrpoError(f"recipe {path} is a folder: give the path of a YAML file{f' ({inside})' if inside else ''}")
     if not p.is_file():
         raise GrpoError(f"recipe {path} does not exist: give the path of a YAML file (see recipes/)")
     try:
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise GrpoError(f"recipe {path} line {line} is not UTF-8 text: save the file as UTF-8") from exc
+    except OSError as exc:
+        raise GrpoError(f"recipe {path} cannot be read ({exc.strerror}): check its permissions") from exc
     except yaml.YAMLError as exc:
-        raise GrpoError(f"recipe {path} is not valid YAML ({str(exc).splitlines()[0]}): fix the file") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise GrpoError(f"recipe {path} is not valid YAML ({problem}{where}): fix the file") from exc
     if not isinstance(values, dict):
-        raise GrpoError(f"recipe {path} must be a mapping of setting: value")
+        kind = "a list" if isinstance(values, list) else f"the single value {values!r}"
+        raise GrpoError(f"recipe {path} holds {kind}: write one `setting: value` a line, as `max_steps: 100`")
+    # PyYAML reads 5e-6 (no dot) as text, YAML 1.2 as the number it is
+    exponent = re.compile(r"[-+]?(\.\d+|\d+(\.\d*)?)[eE][-+]?\d+")
+    hints = {}
+    for cls in (ModelSettings, DataSettings, TrainSettings):
+        hints |= {k: v for k, v in typing.get_type_hints(cls).items() if k != "extra"}
+
+    def fits(value, kind) -> bool:
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            return any(fits(value, k) for k in typing.get_args(kind))
+        if typing.get_origin(kind) is list:
+            return isinstance(value, list) and all(fits(v, typing.get_args(kind)[0]) for v in value)
+        if kind is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, kind)
+
+    def described(kind) -> str:
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            return " or ".join(described(k) for k in typing.get_args(kind))
+        if typing.get_origin(kind) is list:
+            return f"a list of {described(typing.get_args(kind)[0])} ([a, b])"
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "text", type(None): "null"}
+        return names.get(kind, kind.__name__)
+
+    for key, value in list(values.items()):
+        if not isinstance(key, str):
+            raise GrpoError(f"recipe {path}: {key!r} is no setting name: write `setting: value`, as `max_steps: 100`")
+        if isinstance(value, str) and exponent.fullmatch(value) and not fits(value, hints.get(key, float)):
+            value = values[key] = float(value)
+        if key in hints and not fits(value, hints[key]):
+            listed = typing.get_origin(hints[key]) is list and isinstance(value, str)
+            fix = f"write it as a list, {key}: [{value}]" if listed else "change that line"
+            raise GrpoError(f"recipe {path}: {key} must be {described(hints[key])}, got {value!r}: {fix}")
     return values
+
+
+def read_text_file(path: Path, what: str, instead: str) -> str:
+    """A text file a user names, or one line saying what is wrong with it."""
+    path = path.expanduser()
+    if path.is_dir():
+        raise GrpoError(f"{what} {path} is a folder: give a text file, or {instead}")
+    if not path.is_file():
+        raise GrpoError(f"{what} {path} does not exist: give a text file, or {instead}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GrpoError(f"{what} {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
 
 
 def load_settings(
@@ -206,10 +286,7 @@ def load_settings(
     check_others(others)
     prompt = settings.data.system_prompt
     if prompt.startswith("@"):
-        path = Path(prompt[1:])
-        if not path.is_file():
-            raise GrpoError(f"system prompt file {path} does not exist: give --system-prompt TEXT or @path/to/file")
-        settings.data.system_prompt = path.read_text()
+        settings.data.system_prompt = read_text_file(Path(prompt[1:]), "system prompt file", "--system-prompt TEXT")
     validate(settings)
     return settings
 
@@ -251,7 +328,7 @@ def validate(s: Settings) -> None:
             "GRPO compares completions within a group (the reference uses 6)"
         )
     check_batch(t.per_device_train_batch_size, t.gradient_accumulation_steps, t.num_generations)
-    if not 0 < m.gpu_memory_utilization <= 1:
+    if m.gpu_memory_utilization is not None and not 0 < m.gpu_memory_utilization <= 1:
         raise GrpoError(
             f"gpu_memory_utilization must be in (0, 1], got {m.gpu_memory_utilization}: the reference uses 0.6"
         )

@@ -34,6 +34,26 @@ def kind(cpu_flags: set[str] | None = None, machine: str | None = None) -> str:
     return "other"
 
 
+def bf16_native(cpu_flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """Whether Unsloth's CPU loader loads bf16 here (else fp32): UNSLOTH_CPU_BF16 when set, else the CPU's flags,
+    as unsloth_zoo.cpu.runtime.cpu_bf16_supported decides.
+
+    >>> bf16_native({"avx2", "avx512f"}, "x86_64"), bf16_native({"amx_bf16"}, "x86_64"), bf16_native({"bf16"}, "arm64")
+    (False, True, True)
+    """
+    if bf16_forced():
+        return os.environ["UNSLOTH_CPU_BF16"].strip().lower() in ("1", "true", "yes", "on")
+    cpu_flags = flags() if cpu_flags is None else cpu_flags
+    if kind(cpu_flags, machine) == "arm":
+        return "bf16" in cpu_flags
+    return bool(cpu_flags & {"amx_bf16", "avx512_bf16"})
+
+
+def bf16_forced() -> bool:
+    """UNSLOTH_CPU_BF16 decides bf16 or fp32 on CPU, not the flags."""
+    return os.environ.get("UNSLOTH_CPU_BF16", "").strip().lower() in ("0", "false", "no", "off", "1", "true", "yes", "on")
+
+
 def model_name() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()

@@ -154,19 +154,21 @@ def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
     facts.append(("strategy", dist.strategy()))
     if dist.strategy() in ("zero2", "zero3") and not versions["deepspeed"]:
         problems.append("DeepSpeed ZeRO is asked for but deepspeed is not installed: pip install deepspeed")
-    backend = "cannot train"
+    plan = "cannot train"
     if not problems:
         import unsloth  # noqa: F401  (patches trl: its fused LM head needs Triton, absent on CPU)
         from trl.trainer import utils
 
-        from grpo_cli.config import ModelSettings
-        from grpo_cli.models import generation_backend
+        from grpo_cli.config import Settings
+        from grpo_cli.plan import resolve
 
         if utils._ChunkedLogProbFunction is None:
             problems.append(
                 "TRL's fused LM head has no kernel here (no Triton, not patched by unsloth): reinstall unsloth_zoo"
             )
         else:
-            backend = generation_backend(ModelSettings())
-    facts.append(("train backend", backend))
+            resolved = resolve(Settings())
+            plan = resolved.line().removeprefix("Plan: ")
+            problems += [resolved.problem] if resolved.problem else []
+    facts.append(("plan", plan))
     return facts, problems, warnings

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 
 from grpo_cli.adapter import occupied, publish, write_json
-from grpo_cli.config import DataSettings
+from grpo_cli.config import DataSettings, Settings
 from grpo_cli.errors import GrpoError
 from rewards import resolve
 from rewards.format import FINAL_ANSWER
@@ -82,12 +82,17 @@ def csv_text(base: list[dict], tuned: list[dict]) -> str:
     return out.getvalue()
 
 
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Before any model loads: never over a folder with something in it, unless asked."""
+    if occupied(output_dir) and not overwrite:
+        raise GrpoError(f"eval output {output_dir} is not empty: pass --overwrite or another --output-dir")
+
+
 def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir: Path, overwrite: bool = False):
     """Generate with both, score, write eval.json and eval.csv. Returns (summaries, base rows, adapter rows)."""
     from grpo_cli.data import load_examples
 
-    if occupied(output_dir) and not overwrite:
-        raise GrpoError(f"eval output {output_dir} is not empty: pass --overwrite or another --output-dir")
+    check_output_dir(output_dir, overwrite)
     examples = load_examples(data)
     texts = pair.texts([e["prompt"][-1]["content"] for e in examples], data.system_prompt)
     base = score(pair.base(texts, sampling), examples, rewards, pair.tokenizer)
@@ -104,3 +109,42 @@ def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir:
 
     publish(output_dir, write, force=True)
     return summaries, base, tuned
+
+
+def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], float, int, int]:
+    """Sample the base model as training would; per reward: mean, std, share of groups with no spread.
+    Also returns the share of completions without an <answer> tag, the prompt count and the group size."""
+    import statistics
+
+    from grpo_cli.data import load_examples
+    from grpo_cli.generate import Pair, Sampling
+    from rewards import checked
+
+    d = settings.data
+    funcs = {spec: checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards}
+    examples = load_examples(settings.data)[:prompts]
+    pair = Pair(settings.model.model, None, settings.model.max_seq_length)
+    g = settings.train.num_generations
+    texts = pair.texts([e["prompt"][-1]["content"] for e in examples for _ in range(g)], settings.data.system_prompt)
+    sampling = Sampling(
+        temperature=settings.train.temperature,
+        top_p=1.0,
+        max_tokens=settings.train.max_completion_length,
+        seed=settings.train.seed,
+    )
+    completions = [[{"role": "assistant", "content": c}] for c in pair.base(texts, sampling)]
+    repeated = [e for e in examples for _ in range(g)]
+    rows = []
+    for spec, func in funcs.items():
+        values = func(
+            prompts=[e["prompt"] for e in repeated], completions=completions, answer=[e["answer"] for e in repeated]
+        )
+        groups = [values[i : i + g] for i in range(0, len(values), g)]
+        rows.append({
+            "reward": spec,
+            "mean": statistics.mean(values),
+            "std": statistics.pstdev(values),
+            "zero_spread_groups": sum(len(set(group)) == 1 for group in groups) / len(groups),
+        })  # fmt: skip
+    unparsed = sum("<answer>" not in c[0]["content"] for c in completions) / len(completions)
+    return rows, unparsed, len(examples), g

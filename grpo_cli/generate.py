@@ -131,15 +131,75 @@ def cpu_generation(model, rows: int):
         yield
 
 
+def cache_shareable(model, cache=None) -> str | None:
+    """Why a prefill's cache cannot be copied from one row to others, or None when it can. It can when every layer
+    keeps keys and values alone (full, sliding or indexed attention in a DynamicCache, whose batch_select_indices and
+    batch_repeat_interleave copy all of a row). Linear-attention, Mamba and hybrid layers keep a recurrent state as
+    well, which those calls leave behind or lack. Without ``cache``, the cache the model's forward builds from its
+    config is judged, before any prefill; with it, the cache a prefill returned."""
+    import torch
+    from transformers import cache_utils
+
+    shareable = (cache_utils.DynamicLayer, cache_utils.DynamicSlidingWindowLayer, cache_utils.DynamicIndexedLayer)
+    if cache is not None:
+        if type(cache) is not cache_utils.DynamicCache:
+            return f"its {type(cache).__name__} is not a DynamicCache of keys and values"
+        layers = sorted({type(layer).__name__ for layer in cache.layers if type(layer) not in shareable})
+        return f"its cache layers {', '.join(layers)} keep more than keys and values" if layers else None
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # the trainer's model under a launcher
+        model = model.module
+    config = model.config.get_text_config(decoder=True)
+    layer_types, _ = cache_utils.get_layer_types_and_kwargs(config)
+    built = {kind: cache_utils.DYNAMIC_LAYER_TYPE_MAPPING.get(kind) for kind in layer_types}
+    kinds = sorted(kind for kind, layer in built.items() if layer not in shareable)
+    if kinds:
+        layers = sorted({built[kind].__name__ if built[kind] else "no cache layer" for kind in kinds})
+        return f"its {', '.join(kinds)} layers keep more than keys and values ({', '.join(layers)})"
+    return None
+
+
+def generation_shareable(model, kwargs: dict) -> str | None:
+    """Why generate, called with ``kwargs``, cannot go on from a cache prefilled one row a prompt, or None when it
+    can. Beams and several sequences a prompt multiply the rows inside generate (the cache passed in is not), a
+    cache_implementation builds generate's own cache, and use_cache=False ignores it. The settings are read as
+    generate reads them: its keyword arguments, then the generation_config passed (TRL passes its
+    generation_kwargs that way), then the model's generation_config."""
+    configs = (kwargs.get("generation_config"), getattr(model, "generation_config", None))
+
+    def setting(name):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return next((getattr(c, name) for c in configs if getattr(c, name, None) is not None), None)
+
+    found = [f"{name}={setting(name)}" for name in ("num_beams", "num_return_sequences") if (setting(name) or 1) > 1]
+    if setting("cache_implementation") not in (None, "hybrid"):  # generate drops "hybrid", a legacy hub default
+        found.append(f"cache_implementation={setting('cache_implementation')!r}")
+    if setting("use_cache") is False:
+        found.append("use_cache=False")
+    return f"the generation settings {', '.join(found)} leave no room for a prefilled cache" if found else None
+
+
+_stepped_aside: set[str] = set()
+
+
+def step_aside(line: str) -> None:
+    """Say once in this process that a CPU speed path is off, and why: the run goes on as TRL's would."""
+    if line not in _stepped_aside:
+        _stepped_aside.add(line)
+        print(line)
+
+
 @contextmanager
 def prompts_prefilled_once(model):
     """TRL repeats each prompt G times in a row; generate would compute each copy. While this is on, a call whose
     rows repeat runs each distinct prompt once (all but its last token, positions as generate counts them with
     left padding), copies its keys and values to the repeats, and generate goes on from there: the same tokens,
-    the prompt's compute divided by G."""
+    the prompt's compute divided by G. Where the model's cache or the generation settings do not allow it
+    (``cache_shareable``, ``generation_shareable``), generate runs as it is, and a line says so once."""
     import torch
 
     generate = model.generate
+    unshareable = cache_shareable(model)  # the model does not change while this is on
 
     def sharing(input_ids=None, attention_mask=None, **kwargs):
         if input_ids is None or attention_mask is None or input_ids.shape[1] < 2 or "past_key_values" in kwargs:
@@ -148,12 +208,18 @@ def prompts_prefilled_once(model):
         distinct, rows = torch.unique_consecutive(keys, dim=0, return_inverse=True)
         if len(distinct) == len(input_ids):
             return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        ids, mask = distinct[:, : input_ids.shape[1] - 1], distinct[:, input_ids.shape[1] : -1]
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        with torch.no_grad():
-            cache = model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-            ).past_key_values
+        reason = unshareable or generation_shareable(model, kwargs)
+        if reason is None:
+            ids, mask = distinct[:, : input_ids.shape[1] - 1], distinct[:, input_ids.shape[1] : -1]
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            with torch.no_grad():
+                cache = model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+                ).past_key_values
+            reason = cache_shareable(model, cache)
+        if reason:
+            step_aside(f"CPU: each repeated prompt is prefilled row by row, as in TRL: {reason}")
+            return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         cache.batch_select_indices(rows)
         return generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
 
@@ -171,7 +237,8 @@ def prompts_prefilled_once(model):
 def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool):
     """The G completions of a prompt share it: run each distinct prompt once, then every completion on its cached
     keys and values (gradients flow back through the cache). The same log-probs and entropies as one forward over
-    prompt + completion, with the prompt's tokens computed once instead of G times. None when nothing is shared."""
+    prompt + completion, with the prompt's tokens computed once instead of G times. None when nothing is shared, or
+    when the model's cache cannot be shared (``cache_shareable``, said once)."""
     import torch
 
     start = input_ids.size(1) - logits_to_keep - 1  # the last prompt token predicts the first completion token
@@ -181,9 +248,15 @@ def shared_prompt_logps(model, input_ids, attention_mask, logits_to_keep: int, c
     prompts, rows = torch.unique(keys, dim=0, return_inverse=True)
     if len(prompts) == len(input_ids):
         return None
-    cache = model(
-        input_ids=prompts[:, :start], attention_mask=prompts[:, start:], use_cache=True, logits_to_keep=1
-    ).past_key_values
+    reason = cache_shareable(model)
+    if reason is None:
+        cache = model(
+            input_ids=prompts[:, :start], attention_mask=prompts[:, start:], use_cache=True, logits_to_keep=1
+        ).past_key_values
+        reason = cache_shareable(model, cache)
+    if reason:
+        step_aside(f"CPU: log-probs run over each prompt and completion in one forward, as in TRL: {reason}")
+        return None
     cache.batch_select_indices(rows)
     suffix = input_ids[:, start:]
     labels = suffix.masked_fill(attention_mask[:, start:] == 0, -100)
@@ -243,7 +316,9 @@ def prefix_once(model, tokens: list[list[int]], pad: int) -> dict:
     """generate's inputs for prompts that open alike (the chat template and system prompt): the common opening
     runs once and its keys and values are copied to every row; each row is then the opening, its padding, and
     its own tokens (the padding masked, positions counted past it, as with left padding). With no common opening
-    of 16 tokens or more (or off CPU): plain left padding."""
+    of 16 tokens or more (or off CPU), or a model whose cache cannot be shared (``cache_shareable``, said once), or
+    generation settings that leave no room for it (``generation_shareable`` on the model's generation_config):
+    plain left padding."""
     import torch
 
     common = 0
@@ -251,16 +326,28 @@ def prefix_once(model, tokens: list[list[int]], pad: int) -> dict:
     while common < shortest - 1 and all(t[common] == tokens[0][common] for t in tokens):
         common += 1
     if common < 16 or len(tokens) < 2 or model.device.type != "cpu":
-        common = 0  # plain left padding
+        return _opening_and_rows(model, tokens, pad, 0)  # plain left padding
+    reason = cache_shareable(model) or generation_shareable(model, {})
+    if reason is None:
+        opening = torch.tensor([tokens[0][:common]], device=model.device)
+        cache = model(input_ids=opening, use_cache=True, logits_to_keep=1).past_key_values
+        reason = cache_shareable(model, cache)
+    if reason:
+        step_aside(f"CPU: the prompts' common opening is prefilled row by row, as plain generate does: {reason}")
+        return _opening_and_rows(model, tokens, pad, 0)
+    cache.batch_repeat_interleave(len(tokens))
+    return {**_opening_and_rows(model, tokens, pad, common), "past_key_values": cache}
+
+
+def _opening_and_rows(model, tokens: list[list[int]], pad: int, common: int) -> dict:
+    """Each row as the first ``common`` tokens, its padding, then its own tokens; with ``common`` 0, left padding."""
+    import torch
+
     width = max(len(t) for t in tokens) - common
     rows = [(t[:common], [pad] * (width - len(t) + common), t[common:]) for t in tokens]
     ids = torch.tensor([a + b + c for a, b, c in rows], device=model.device)
     mask = torch.tensor([[1] * len(a) + [0] * len(b) + [1] * len(c) for a, b, c in rows], device=model.device)
-    if not common:
-        return {"input_ids": ids, "attention_mask": mask}
-    cache = model(input_ids=ids[:1, :common], use_cache=True, logits_to_keep=1).past_key_values
-    cache.batch_repeat_interleave(len(tokens))
-    return {"input_ids": ids, "attention_mask": mask, "past_key_values": cache}
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def adapter_changes_nothing(model, tokenizer, text: str) -> bool:
@@ -294,7 +381,7 @@ class TransformersEngine:
     def inert(self, text: str) -> bool:
         return bool(self.lora_dir) and adapter_changes_nothing(self.model, self.tokenizer, text)
 
-    def follow(self) -> None:
+    def follow(self, scratch: Path) -> None:
         """Generate with the adapter being trained, as it is now: the model is that adapter already."""
 
 
@@ -333,42 +420,39 @@ class VLLMEngine:
     def inert(self, text: str) -> bool:
         return False  # vLLM gives no cheap look at the next-token distribution with and without the adapter
 
-    def follow(self) -> None:
+    def follow(self, scratch: Path) -> None:
         """Generate with the adapter being trained, as it is now: Unsloth's load_lora on the PEFT model reads its
-        tensors into a LoRA request."""
-        self.lora_request = self.model.load_lora("grpo-live", load_tensors=True)
+        tensors into a new LoRA request, and writes the adapter's config into ``scratch`` (its save_directory)."""
+        self.lora_request = self.model.load_lora(str(scratch), load_tensors=True)
 
 
-# TRL's own vLLM (colocated, or a server it pushes the merged weights to each step) generates only for training;
-# evaluation during training runs on the model being trained
-ENGINES = {
-    "transformers": TransformersEngine,
-    "vllm": VLLMEngine,
-    "trl-vllm": TransformersEngine,
-    "server": TransformersEngine,
-}
+def engine_for(plan):
+    """The engine that generates as the plan says. TRL's server mode generates only for training: evaluation
+    while training runs on the model being trained."""
+    return VLLMEngine if plan.generator == "vllm" else TransformersEngine
 
 
 class Pair:
-    """One loaded base model, and the adapter switched on and off: never two copies."""
+    """One loaded base model, and the adapter switched on and off: never two copies. Without an adapter, the base
+    alone (the embedded model unless ``model_name`` names another)."""
 
     def __init__(self, model_name: str | None, lora_dir: Path | None, max_seq_length: int = 2048):
-        from grpo_cli import models
+        from grpo_cli import models, plan
         from grpo_cli.config import ModelSettings
 
         self.lora_dir, self.manifest = find_adapter(lora_dir) if lora_dir else (None, {})
-        model_name = model_name or self.manifest.get("base_model")
-        if not model_name:
-            raise GrpoError(f"{self.lora_dir} has no grpo.json naming its base model: give --model")
+        model_name = model_name or self.manifest.get("base_model") or models.EMBEDDED
         trained = self.manifest.get("settings", {}).get("model", {})
         settings = ModelSettings(
             model=model_name,
             max_seq_length=max_seq_length,
             lora_rank=trained.get("lora_rank", 16),
-            load_in_4bit=trained.get("load_in_4bit"),  # the base as the adapter was trained on it
+            load_in_4bit=trained.get("load_in_4bit"),
             max_lora_rank=trained.get("max_lora_rank"),
         )
-        model, self.tokenizer = models.load_model(settings)
+        # the base as the adapter was trained on it: the weights its run's plan loaded, not the ones it asked for
+        self.plan = plan.for_inference(settings, self.manifest.get("plan"))
+        model, self.tokenizer = models.load_model(settings, self.plan)
         expected = self.manifest.get("base_fingerprint")
         if expected and expected != fingerprint(model.config):
             raise GrpoError(
@@ -376,7 +460,7 @@ class Pair:
                 f"(config {expected}), not on {model_name} (config {fingerprint(model.config)}): "
                 f"give --model {self.manifest.get('base_model')}"
             )
-        self.engine = ENGINES[models.engine(settings)](model, self.tokenizer, self.lora_dir)
+        self.engine = engine_for(self.plan)(model, self.tokenizer, self.lora_dir)
 
     def texts(self, questions: list[str], system_prompt: str | None) -> list[str]:
         prompt = self.manifest.get("system_prompt", "") if system_prompt is None else system_prompt

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from grpo_cli.config import ModelSettings, unsloth_environment
 from grpo_cli.errors import GrpoError
+from grpo_cli.plan import Plan
 
 EMBEDDED = "smollm2-135m"
 ALIASES = {
@@ -106,34 +107,6 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def engine(settings: ModelSettings) -> str:
-    """The generation engine, chosen here once for train, infer, eval and the reward check: a separate vLLM server
-    when one is given (TRL's server mode, training only); where CUDA and vLLM are present and fast_inference is on,
-    Unsloth's vLLM, or TRL's own colocated one under a strategy Unsloth does not train under; else transformers."""
-    if settings.vllm_server:
-        return "server"
-    vllm = settings.fast_inference and cuda_available() and importlib.util.find_spec("vllm") is not None
-    if not vllm:
-        return "transformers"
-    return "vllm" if unsloth_trains() else "trl-vllm"
-
-
-def generation_backend(settings: ModelSettings) -> str:
-    device = "GPU" if cuda_available() else "CPU"
-    generation = {
-        "vllm": "vLLM",
-        "trl-vllm": "TRL's vLLM",
-        "server": f"the vLLM server at {settings.vllm_server}",
-    }.get(engine(settings), "transformers generate")
-    return f"{'Unsloth' if unsloth_trains() else 'TRL + PEFT'} {device} + {generation}"
-
-
 def check_server(url: str, timeout: float = 10.0) -> None:
     """A vLLM server answers at ``url`` (its /health, as TRL's client asks), before any model loads."""
     import urllib.error
@@ -157,36 +130,24 @@ def check_server(url: str, timeout: float = 10.0) -> None:
         )
 
 
-def unsloth_trains() -> bool:
-    """Unsloth trains alone or under DDP; under FSDP and DeepSpeed grpo trains with plain TRL + PEFT."""
-    from grpo_cli import dist
-
-    return dist.strategy() in dist.UNSLOTH_STRATEGIES
-
-
-def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
-    """Load through Unsloth (imported before trl/transformers touch the model). Returns model, tokenizer."""
-    if not unsloth_trains():
-        return load_plain(settings, load_in_4bit)
+def load_model(settings: ModelSettings, plan: Plan):
+    """Load the base as the plan says: through Unsloth (imported before trl and transformers touch the model), or
+    with plain transformers where the strategy shards the weights. Returns model, tokenizer."""
+    if not plan.unsloth:
+        return load_plain(settings, plan)
     unsloth_environment(settings)
     from unsloth import FastLanguageModel  # before anything imports transformers
 
     name = resolve_model(settings.model)
-    four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
-    chosen = four_bit is None
-    if four_bit is None:
-        four_bit = cuda_available()
-    if four_bit and engine(settings) == "server":  # TRL sends the server merged weights: 4-bit ones it cannot load
-        print("vLLM server: the base loads in 16-bit, as TRL sends the server the merged weights")
-        four_bit = False
     kwargs = dict(
         model_name=name,
         max_seq_length=settings.max_seq_length,
-        load_in_4bit=four_bit,
+        load_in_4bit=plan.load_in_4bit,
         max_lora_rank=settings.max_lora_rank or settings.lora_rank,
     )
-    if cuda_available():
-        kwargs.update(fast_inference=engine(settings) == "vllm", gpu_memory_utilization=settings.gpu_memory_utilization)
+    if plan.cuda:
+        share = settings.gpu_memory_utilization or 0.6  # under standby without one, Unsloth sizes it
+        kwargs.update(fast_inference=plan.generator == "vllm", gpu_memory_utilization=share)
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(**kwargs)
     except OSError as exc:
@@ -196,11 +157,10 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
                 f"pass a local path, or use the embedded {EMBEDDED}"
             ) from exc
         raise GrpoError(f"could not load model {settings.model}: {str(exc).splitlines()[0][:200]}") from exc
-    if chosen and not cuda_available():  # a vLLM server's 16-bit base on a GPU is said above
-        print(cpu_precision_line(model.dtype))
+    check_loaded(model, plan)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if not cuda_available() and model.config._attn_implementation == "sdpa":
+    if not plan.cuda and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(cpu_attention())
     # The LM head gets a slice of the hidden states (the last position, or the completion); against a frozen
     # weight, torch's matmul turns a non-contiguous 3-d input into a batched matmul over 8 copies of the weight:
@@ -209,35 +169,14 @@ def load_model(settings: ModelSettings, load_in_4bit: bool | None = None):
     return model, tokenizer
 
 
-def cpu_precision_line(dtype, kind: str | None = None) -> str:
-    """What the CPU load chose and why, from the dtype actually loaded and the CPU's kind (grpo_cli/cpu.py).
-
-    >>> import torch
-    >>> cpu_precision_line(torch.float32, "avx2")
-    'CPU (avx2): float32 weights, as this CPU has no native bf16 (fp32 is faster here); load_in_4bit: true loads 4-bit'
-    >>> cpu_precision_line(torch.bfloat16, "avx512_bf16")
-    'CPU (avx512_bf16): bfloat16 weights, as this CPU computes bf16 natively; load_in_4bit: true loads 4-bit'
-    """
-    from grpo_cli import cpu
-
-    kind = kind or cpu.kind()
-    native = kind in ("amx", "avx512_bf16", "arm")
-    name = str(dtype).replace("torch.", "")
-    if name == "bfloat16":
-        why = (
-            "as this CPU computes bf16 natively"
-            if native
-            else "though this CPU emulates bf16 (slow; UNSLOTH_CPU_BF16=0 for fp32)"
-        )
-    elif name == "float32":
-        why = (
-            "as this CPU has no native bf16 (fp32 is faster here)"
-            if not native
-            else "though this CPU computes bf16 natively (UNSLOTH_CPU_BF16 unset is faster)"
-        )
+def check_loaded(model, plan: Plan) -> None:
+    """The weights loaded as planned: a library that chose otherwise is said, not hidden."""
+    if plan.load_in_4bit:
+        loaded = "4bit" if getattr(model, "is_loaded_in_4bit", False) else None
     else:
-        why = "as loaded"
-    return f"CPU ({kind}): {name} weights, {why}; load_in_4bit: true loads 4-bit"
+        loaded = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(model.dtype))
+    if loaded != plan.weights:
+        print(f"warning: the base loaded as {loaded or model.dtype}, not {plan.weights} as planned")
 
 
 def cpu_attention() -> str:
@@ -265,35 +204,20 @@ def cpu_attention() -> str:
     return "sdpa_cpu"
 
 
-def load_plain(settings: ModelSettings, load_in_4bit: bool | None = None):
-    """transformers' own loading, for the strategies Unsloth does not train under. 4-bit (QLoRA) where the strategy
-    shards 4-bit weights (FSDP version 1, ZeRO-2, ZeRO-3, with bitsandbytes' quant_storage in the compute dtype) and
-    transformers generates; 16-bit under FSDP2 or with vLLM. After the trainer's settings exist, so that ZeRO-3
-    loads each process's shard only."""
-    import torch
+def load_plain(settings: ModelSettings, plan: Plan):
+    """transformers' own loading, for the strategies Unsloth does not train under: 4-bit (QLoRA, bitsandbytes'
+    quant_storage in the compute dtype, so that FSDP version 1 and ZeRO shard it) or 16-bit, as the plan says.
+    After the trainer's settings exist, so that ZeRO-3 loads each process's shard only."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from grpo_cli import dist
-
     name = resolve_model(settings.model)
-    cuda = cuda_available()
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    four_bit = settings.load_in_4bit if load_in_4bit is None else load_in_4bit
-    four_bit = cuda if four_bit is None else four_bit
-    if four_bit and (dist.strategy() == "fsdp2" or engine(settings) != "transformers"):
-        # FSDP2 shards no 4-bit weights; TRL sends vLLM merged weights each step, which 4-bit ones cannot give
-        print(f"{dist.strategy()}: loading 16-bit, not 4-bit (FSDP2 shards no 4-bit weights; vLLM takes 16-bit ones)")
-        four_bit = False
+    dtype = plan.dtype()
     quantization = (
         BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype
         )
-        if four_bit
+        if plan.load_in_4bit
         else None
-    )
-    print(
-        f"{dist.strategy()}: Unsloth does not train under it; loading with plain transformers + PEFT, "
-        f"{'4-bit (QLoRA)' if four_bit else str(dtype).replace('torch.', '')}"
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, quantization_config=quantization)
@@ -305,17 +229,23 @@ def load_plain(settings: ModelSettings, load_in_4bit: bool | None = None):
     return model, tokenizer
 
 
-def add_lora(model, settings: ModelSettings):
-    if not unsloth_trains():
-        from peft import LoraConfig, get_peft_model
+def lora_config(settings: ModelSettings):
+    from peft import LoraConfig
 
-        lora = LoraConfig(
-            r=settings.lora_rank,
-            lora_alpha=settings.lora_alpha or settings.lora_rank,
-            target_modules=settings.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(model, lora)
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha or settings.lora_rank,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, settings: ModelSettings, plan: Plan):
+    """Unsloth's LoRA where Unsloth trains. Plain TRL wraps the model itself, from ``lora_config`` given to its
+    trainer: only then does it seed the adapter, keep it in the base's dtype under ZeRO-3, and compute the KL
+    reference with the adapter off instead of adding a second, fp32 "ref" adapter."""
+    if not plan.unsloth:
+        return model
     from unsloth import FastLanguageModel
 
     return FastLanguageModel.get_peft_model(
@@ -323,24 +253,22 @@ def add_lora(model, settings: ModelSettings):
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha or settings.lora_rank,
         target_modules=settings.target_modules,
-        use_gradient_checkpointing="unsloth" if cuda_available() else False,
+        use_gradient_checkpointing="unsloth" if plan.cuda else False,
         random_state=settings.random_state,
     )
 
 
-def patch_fast_rl() -> None:
-    """Unsloth's GRPO patches. Importing unsloth's GPU backend already swaps TRL's GRPOTrainer for its own
-    (``UnslothGRPOTrainer``), so PatchFastRL is called only where that has not happened and it is exported;
-    the CPU backend exports none, and TRL's trainer is used as it is."""
-    if not unsloth_trains() and cuda_available():  # unsloth's import would swap TRL's trainer for its own
+def patch_fast_rl(plan: Plan) -> None:
+    """Unsloth's GRPO patches, where the plan trains with Unsloth. Importing unsloth's GPU backend already swaps
+    TRL's GRPOTrainer for its own (``UnslothGRPOTrainer``), so PatchFastRL is called only where that has not
+    happened and it is exported; the CPU backend exports none, and TRL's trainer is used as it is. A plan that
+    trains with plain TRL never imports unsloth, which would swap the trainer."""
+    if not plan.unsloth:
         return
     import unsloth
     from unsloth import FastLanguageModel
 
     trl = importlib.import_module("trl")  # after unsloth, which patches it on import
-    if trl.GRPOTrainer.__name__.startswith("Unsloth"):
+    if trl.GRPOTrainer.__name__.startswith("Unsloth") or not hasattr(unsloth, "PatchFastRL"):
         return
-    if hasattr(unsloth, "PatchFastRL"):
-        unsloth.PatchFastRL("GRPO", FastLanguageModel)
-        return
-    print("Unsloth's CPU backend has no PatchFastRL: training with stock TRL GRPOTrainer")
+    unsloth.PatchFastRL("GRPO", FastLanguageModel)

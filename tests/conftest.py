@@ -3,6 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes import fake_unsloth, fake_vllm, on_gpu  # noqa: F401  (fixtures)
+
 SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "gsm8k"
 
 

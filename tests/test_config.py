@@ -82,10 +82,11 @@ def test_recipes_load(tmp_path):
 
 
 def test_recipe_names_trl_dropped_still_work():
-    from grpo_cli.train import grpo_config
+    from grpo_cli.plan import Machine, resolve
+    from grpo_cli.trainer import grpo_config
 
     s = load_settings(flags={"warmup_ratio": 0.1, "max_steps": 20, "output_dir": "unused", "model": "qwen2.5-1.5b"})
-    config = grpo_config(s, cpu=True)
+    config = grpo_config(s, resolve(s, Machine()))
     assert config.warmup_steps == 0.1 and config.get_warmup_steps(20) == 2
     assert config.optim in ("adamw_torch", "adamw_torch_fused") and config.use_cpu  # paged 8-bit needs CUDA
     assert config.reward_weights == [1.0] * 5

@@ -1,5 +1,6 @@
 """Scale-out wiring that needs no second process: strategies, recipes, batch checks, the vLLM server."""
 
+import dataclasses
 import http.server
 import json
 import shlex
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from grpo_cli import dist, models
+from grpo_cli.config import Settings
 from grpo_cli.errors import GrpoError
+from grpo_cli.plan import Machine, resolve
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 
@@ -71,7 +74,7 @@ def test_accelerate_accepts_each_recipe_and_grpo_reads_its_strategy(name, monkey
             assert FullyShardedDataParallelPlugin().fsdp_version == 2
     for key, value in {**env, "WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(key, value)
-    assert models.unsloth_trains() == (name == "ddp")
+    assert resolve(Settings()).unsloth == (name == "ddp")
     assert dist.describe().endswith("trains with Unsloth") == (name == "ddp")
 
 
@@ -97,11 +100,12 @@ def test_batch_check_counts_the_processes(monkeypatch):
 
 def test_server_mode_fields_of_trls_config(tmp_path):
     from grpo_cli.config import load_settings
-    from grpo_cli.train import grpo_config
+    from grpo_cli.trainer import grpo_config
 
     s = load_settings(None, {"vllm_server": "http://gen-host:8000", "output_dir": str(tmp_path)}, announce=False)
-    assert models.engine(s.model) == "server"
-    config = grpo_config(s, cpu=True, engine=models.engine(s.model))
+    plan = resolve(s, Machine(cuda=True, cuda_bf16=True, vllm=True))
+    assert plan.generator == "server" and plan.weights == "bf16"
+    config = grpo_config(s, dataclasses.replace(plan, device="cpu"))
     assert (config.use_vllm, config.vllm_mode, config.vllm_server_base_url) == (True, "server", "http://gen-host:8000")
     with pytest.raises(GrpoError, match="is no URL: give http://HOST:PORT"):
         load_settings(None, {"vllm_server": "gen-host:8000"}, announce=False)
@@ -187,7 +191,7 @@ def test_doctor_names_processes_and_strategy(monkeypatch):
         monkeypatch.setenv(key, value)
     facts = dict(doctor.diagnose()[0])
     assert facts["strategy"] == "fsdp2" and facts["processes"].startswith("2 processes, FSDP2")
-    assert facts["train backend"].startswith("TRL + PEFT")
+    assert facts["plan"].startswith("plain TRL + PEFT on CPU")
 
 
 @pytest.mark.parametrize(

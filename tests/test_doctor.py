@@ -12,7 +12,7 @@ def fake_versions(monkeypatch, **overrides):
 def test_doctor_flags_known_bad_combinations(monkeypatch):
     fake_versions(monkeypatch, transformers="5.18.0", torchvision="0.28.0", unsloth=None)
     facts, problems, _ = doctor.diagnose()
-    assert dict(facts)["train backend"] == "cannot train"
+    assert dict(facts)["plan"] == "cannot train"
     assert any(
         "transformers 5.18.0 is newer than unsloth 2026.10.9 supports: pip install transformers==5.17.0" in p
         for p in problems
@@ -23,14 +23,17 @@ def test_doctor_flags_known_bad_combinations(monkeypatch):
     assert result.exit_code == 1 and "problem" in result.output
 
 
-def test_doctor_reports_this_machine():
+def test_doctor_shows_the_plan_train_would_resolve(monkeypatch):
     import torch
 
-    facts, problems, _ = doctor.diagnose()
-    facts = dict(facts)
-    assert facts["torch"] == torch.__version__ and not problems
-    if not torch.cuda.is_available():
-        assert facts["GPU"] == "none" and facts["train backend"] == "Unsloth CPU + transformers generate"
+    from grpo_cli import plan
+    from grpo_cli.config import Settings
+
+    monkeypatch.setattr(plan.Machine, "here", classmethod(lambda cls: plan.Machine(cpu_kind="avx2")))
+    facts = dict(doctor.diagnose()[0])
+    assert facts["torch"] == torch.__version__
+    assert facts["plan"] == plan.resolve(Settings()).line().removeprefix("Plan: ")
+    assert facts["plan"].startswith("Unsloth on CPU (avx2) | generation: transformers generate | fp32 weights")
 
 
 def test_doctor_vllm_outside_trls_window_and_off_torch(monkeypatch):

@@ -130,14 +130,14 @@ def test_the_packed_choice_is_measured_once_and_cached(tmp_path, monkeypatch, ca
     [({"avx2", "fma"}, "avx2", "float32"), ({"avx2", "avx512f", "avx512bw"}, "avx512", "float32"),
      ({"avx512f", "avx512_bf16"}, "avx512_bf16", "bfloat16"), ({"avx512f", "amx_bf16", "amx_tile"}, "amx", "bfloat16")],
 )  # fmt: skip
-def test_the_dtype_line_is_true_on_each_kind(monkeypatch, flags, kind, dtype):
-    """Unsloth picks the CPU dtype from the CPU's flags; the line grpo prints must name that dtype and the right
-    reason for the same flags."""
+def test_the_plan_loads_the_dtype_unsloth_loads_on_each_kind(monkeypatch, flags, kind, dtype):
+    """Unsloth picks the CPU dtype from the CPU's flags; the plan must name that dtype, and the right reason, for
+    the same flags."""
     import unsloth  # noqa: F401  (unsloth_zoo needs it first)
     from unsloth_zoo.cpu import loader, runtime
 
-    from grpo_cli import cpu
-    from grpo_cli.models import cpu_precision_line
+    from grpo_cli import cpu, plan
+    from grpo_cli.config import Settings
 
     monkeypatch.delenv("UNSLOTH_CPU_BF16", raising=False)
     monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
@@ -147,8 +147,11 @@ def test_the_dtype_line_is_true_on_each_kind(monkeypatch, flags, kind, dtype):
     monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
     chosen = loader._resolve_dtype(None)  # what FastLanguageModel.from_pretrained loads on CPU
     assert str(chosen) == f"torch.{dtype}"
-    native = "computes bf16 natively" if dtype == "bfloat16" else "has no native bf16"
-    assert cpu_precision_line(chosen).startswith(f"CPU ({kind}): {dtype} weights, as this CPU {native}")
+    monkeypatch.setattr(plan.Machine, "here", classmethod(lambda cls: cls(cpu_kind=cpu.kind(), cpu_bf16=cpu.bf16_native())))
+    resolved = plan.resolve(Settings())
+    assert resolved.dtype() == chosen and resolved.cpu_kind == kind
+    native = "bf16: this CPU computes it natively" if dtype == "bfloat16" else "fp32: this CPU has no native bf16"
+    assert resolved.why == (native,) and f"| {resolved.weights} weights |" in resolved.line()
 
 
 @pytest.mark.parametrize("sample", [False, True])

@@ -18,138 +18,30 @@ from pathlib import Path
 
 import pytest
 import torch
-import unsloth  # noqa: F401  (the real CPU backend: unsloth_zoo needs it imported first)
-import unsloth_zoo.vllm_utils
 from typer.testing import CliRunner
 
 from grpo_cli import models
-from grpo_cli.config import ModelSettings
+from grpo_cli.config import ModelSettings, Settings
 from grpo_cli.generate import Pair, Sampling
-from tests.real_api import attributes_set, compiled, parameters, source, source_file
+from grpo_cli.plan import Machine, resolve
+from tests.fakes import (
+    ENGINE_NAMES,
+    FakeVllmBase,
+    Llama3Tokenizer,
+    adapter_dir,
+    fake_load_lora,
+    gpu_machine,
+    llama_cpp,
+    unsloth_gguf_export,
+)
+from tests.real_api import attributes_set, parameters, source, source_file
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE_NAMES = {"vllm_engine", "fast_generate", "fast_generate_batches", "load_lora", "save_lora"}
 CUDA = torch.cuda.is_available()
 VLLM = importlib.util.find_spec("vllm") is not None
 
 
 # Fakes of Unsloth and vLLM, each checked below against the real one
-
-
-class FakeEngine:
-    """vLLM's LLM as Unsloth keeps it on the model; ``generate`` has LLM.generate's parameters (test_vllm.py)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None, priority=None,
-                 tokenization_kwargs=None, mm_processor_kwargs=None):  # fmt: skip
-        self.calls.append({"prompts": prompts, "params": sampling_params, "lora_request": lora_request})
-        tag = "tuned" if lora_request else "base"
-        return [
-            types.SimpleNamespace(prompt_token_ids=p["prompt_token_ids"], outputs=[types.SimpleNamespace(text=tag)])
-            for p in prompts
-        ]
-
-
-class FakeVllmBase:
-    """What ``FastLanguageModel.from_pretrained(fast_inference=True)`` returns: Unsloth's engine attributes on a
-    plain model, and only those it attaches there (checked against its source below)."""
-
-    def __init__(self):
-        self.vllm_engine = FakeEngine()
-        self.fast_generate = self.vllm_engine.generate
-        self.fast_generate_batches = None
-        self.config = types.SimpleNamespace(_attn_implementation="sdpa", to_dict=lambda: {"hidden_size": 8})
-        self.dtype = torch.bfloat16
-
-    def get_output_embeddings(self):
-        return torch.nn.Linear(2, 2)
-
-
-class Llama3Tokenizer:
-    """Like Llama 3's: the chat template writes <|begin_of_text|> (id 1) itself, and so does tokenizing with
-    special tokens."""
-
-    bos = 1
-    pad_token = eos_token = "<|eot_id|>"
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
-        return "<|begin_of_text|>" + "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
-
-    def __call__(self, texts, add_special_tokens=True):
-        ids = [[self.bos] + [ord(c) for c in t.removeprefix("<|begin_of_text|>")] for t in texts]
-        return {"input_ids": [[self.bos] + i if add_special_tokens else i for i in ids]}
-
-
-def fake_load_lora(model, save_directory, load_tensors=False, lora_request_id=None):
-    return ("lora-request", save_directory)
-
-
-@pytest.fixture
-def fake_unsloth(monkeypatch, tmp_path):
-    """A fake unsloth whose from_pretrained and get_peft_model take only the real ones' parameters and record the
-    arguments; on "CUDA" with fast_inference it returns a FakeVllmBase."""
-    real_load = set(parameters("unsloth.models.loader", "FastLanguageModel.from_pretrained"))
-    real_peft = set(parameters("unsloth.models.llama", "FastLlamaModel.get_peft_model"))
-    seen = {"loads": []}
-
-    def from_pretrained(**kwargs):
-        assert set(kwargs) <= real_load, f"not a parameter of Unsloth's from_pretrained: {set(kwargs) - real_load}"
-        seen.update(kwargs)
-        seen["loads"].append(kwargs)
-        if kwargs.get("fast_inference"):
-            return FakeVllmBase(), Llama3Tokenizer()
-        model = types.SimpleNamespace(
-            config=types.SimpleNamespace(_attn_implementation="sdpa", to_dict=lambda: {"hidden_size": 8}),
-            dtype=torch.float32,
-            get_output_embeddings=lambda: torch.nn.Linear(2, 2),
-            set_attn_implementation=lambda name: seen.update(attention=name),
-        )
-        return model, types.SimpleNamespace(pad_token=None, eos_token="</s>")
-
-    def get_peft_model(model, **kwargs):
-        assert set(kwargs) <= real_peft, f"not a parameter of Unsloth's get_peft_model: {set(kwargs) - real_peft}"
-        seen["peft"] = kwargs
-        return model
-
-    fast = types.SimpleNamespace(from_pretrained=from_pretrained, get_peft_model=get_peft_model)
-    module = types.SimpleNamespace(FastLanguageModel=fast)
-    monkeypatch.setitem(sys.modules, "unsloth", module)
-    (tmp_path / "config.json").write_text("{}")
-    return seen, str(tmp_path), module
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    """vllm's SamplingParams as a record of its keyword arguments (their names are checked in test_vllm.py)."""
-    module = types.ModuleType("vllm")
-    module.SamplingParams = lambda **kw: kw
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.setattr(unsloth_zoo.vllm_utils, "load_lora", fake_load_lora)
-    return module
-
-
-@pytest.fixture
-def on_gpu(monkeypatch):
-    """grpo believes it runs on CUDA with vLLM installed."""
-    monkeypatch.setattr(models, "cuda_available", lambda: True)
-    real_find_spec = models.importlib.util.find_spec
-    monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a)
-    )
-
-
-def adapter_dir(root: Path, rank: int = 8) -> Path:
-    """An adapter directory as `grpo save-lora` writes it (the weights' content does not matter here)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "adapter_config.json").write_text(json.dumps({"r": rank, "base_model_name_or_path": "base"}))
-    (root / "adapter_model.safetensors").write_bytes(b"")
-    settings = {"model": {"lora_rank": rank, "load_in_4bit": None, "max_lora_rank": None}}
-    (root / "grpo.json").write_text(json.dumps({"base_model": str(root.parent / "base"), "settings": settings}))
-    (root.parent / "base").mkdir(exist_ok=True)
-    (root.parent / "base" / "config.json").write_text("{}")
-    return root
 
 
 # The fakes against Unsloth's source
@@ -164,7 +56,7 @@ def test_fakes_attach_what_unsloth_attaches_and_where():
 
 
 def test_fake_load_lora_is_unsloth_zoos():
-    assert inspect.signature(fake_load_lora) == inspect.signature(unsloth_zoo.vllm_utils.load_lora)
+    assert list(inspect.signature(fake_load_lora).parameters) == parameters("unsloth_zoo.vllm_utils", "load_lora")
     assert "LoRARequest(str(lora_request_id), lora_request_id, save_directory)" in source(
         "unsloth_zoo.vllm_utils", "_build_lora_request"
     )  # a directory becomes a plain vLLM LoRA request for that path
@@ -184,7 +76,6 @@ def test_vllm_pair_sends_the_adapter_as_a_lora_request(fake_unsloth, fake_vllm, 
     base, tuned = pair.engine.model.vllm_engine.calls
     assert base["lora_request"] is None and tuned["lora_request"] == ("lora-request", str(lora))
     assert tuned["params"] == {"temperature": 0.8, "top_p": 0.95, "max_tokens": 64, "seed": 7}
-    assert pair.warn_if_inert(texts[0]) is None
 
 
 def test_vllm_prompts_are_token_ids_with_the_templates_one_bos(fake_unsloth, fake_vllm, on_gpu, tmp_path):
@@ -209,22 +100,16 @@ def test_vllm_greedy_is_temperature_zero(fake_unsloth, fake_vllm, on_gpu, tmp_pa
 
 
 @pytest.mark.parametrize("has_vllm, expected", [(True, True), (False, False)])
-def test_cuda_load_asks_unsloth_for_vllm(monkeypatch, fake_unsloth, has_vllm, expected):
+def test_cuda_load_asks_unsloth_for_vllm(fake_unsloth, has_vllm, expected):
     seen, path, _ = fake_unsloth
-    monkeypatch.setattr(models, "cuda_available", lambda: True)
-    real_find_spec = models.importlib.util.find_spec
-    monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda name: (has_vllm or None) if name == "vllm" else real_find_spec(name)
-    )
     settings = ModelSettings(model=path, lora_rank=32, gpu_memory_utilization=0.5)  # 4-bit: auto
-    model, _ = models.load_model(settings)
-    models.add_lora(model, settings)
+    plan = resolve(Settings(model=settings), gpu_machine(vllm=has_vllm))
+    model, _ = models.load_model(settings, plan)
+    models.add_lora(model, settings, plan)
     assert seen["fast_inference"] is expected and seen["gpu_memory_utilization"] == 0.5
     assert seen["load_in_4bit"] is True and seen["max_lora_rank"] == 32
     assert seen["peft"]["use_gradient_checkpointing"] == "unsloth" and seen["peft"]["r"] == 32
-    assert models.generation_backend(settings) == (
-        "Unsloth GPU + vLLM" if expected else "Unsloth GPU + transformers generate"
-    )
+    assert plan.generator == ("vllm" if expected else "transformers")
 
 
 def test_cuda_load_for_a_vllm_server_is_16_bit_without_unsloths_engine(fake_unsloth, on_gpu, capsys):
@@ -232,22 +117,26 @@ def test_cuda_load_for_a_vllm_server_is_16_bit_without_unsloths_engine(fake_unsl
     sends the server merged weights, which a 4-bit base cannot give."""
     seen, path, _ = fake_unsloth
     settings = ModelSettings(model=path, vllm_server="http://gen:8000")
-    models.load_model(settings)
+    plan = resolve(Settings(model=settings), gpu_machine())
+    models.load_model(settings, plan)
     assert seen["fast_inference"] is False and seen["load_in_4bit"] is False
-    assert models.generation_backend(settings) == "Unsloth GPU + the vLLM server at http://gen:8000"
-    assert "CPU (" not in capsys.readouterr().out  # the 16-bit line is the server's, not the CPU's
+    assert plan.line() == (
+        "Plan: Unsloth on GPU | generation: a vLLM server (TRL's server mode) | bf16 weights "
+        "(16-bit base: TRL sends the server merged weights)"
+    )
     rl = source_file("unsloth.models.rl").read_text()
     assert "if hasattr(model, 'vllm_engine') and hasattr(args, 'use_vllm')" in rl  # only then colocate is forced
 
 
-def test_cpu_load_does_not_ask_for_vllm(monkeypatch, fake_unsloth):
+def test_cpu_load_does_not_ask_for_vllm(fake_unsloth):
     seen, path, _ = fake_unsloth
-    monkeypatch.setattr(models, "cuda_available", lambda: False)
-    _, tokenizer = models.load_model(ModelSettings(model=path))
+    settings = ModelSettings(model=path)
+    _, tokenizer = models.load_model(settings, resolve(Settings(model=settings), Machine(vllm=True)))
     assert "fast_inference" not in seen and tokenizer.pad_token == "</s>"
     assert seen["attention"] == "sdpa_cpu"
     assert seen["load_in_4bit"] is False  # 16-bit is faster on CPU; a recipe can force 4-bit
-    models.load_model(ModelSettings(model=path, load_in_4bit=True))
+    settings = ModelSettings(model=path, load_in_4bit=True)
+    models.load_model(settings, resolve(Settings(model=settings), Machine()))
     assert seen["load_in_4bit"] is True
 
 
@@ -289,16 +178,6 @@ def test_standby_is_set_before_grpo_train_first_imports_unsloth(monkeypatch, tmp
 # 3. save-lora --gguf: the adapter merged in, the file inside OUT_DIR; 4. no vLLM engine for merging
 
 
-def unsloth_gguf_export(save_directory, tokenizer=None, quantization_method="fast_quantized"):
-    """Unsloth's save_pretrained_gguf as it writes: the merged model into save_directory, the GGUF file into the
-    directory its own `_gguf_output_directory` names (a sibling)."""
-    merged, gguf_dir = Path(save_directory), Path(compiled("unsloth.save", "_gguf_output_directory")(save_directory))
-    merged.mkdir(parents=True)
-    (merged / "config.json").write_text("{}")
-    gguf_dir.mkdir(parents=True)
-    (gguf_dir / f"model.{quantization_method.upper()}.gguf").write_bytes(b"GGUF")
-
-
 def test_gguf_export_fake_is_unsloths():
     real = parameters("unsloth.save", "unsloth_save_pretrained_gguf")
     assert real[0] == "self" and real[1:4] == list(inspect.signature(unsloth_gguf_export).parameters)
@@ -310,7 +189,8 @@ def test_save_lora_gguf_loads_the_adapter_as_unsloth_does_and_writes_inside_out_
     from grpo_cli.adapter import save_lora
 
     seen, _, module = fake_unsloth
-    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: gpu_machine()))
+    monkeypatch.setenv("UNSLOTH_LLAMA_CPP_PATH", str(llama_cpp(tmp_path / "llama.cpp")))
     exported = []
 
     def from_adapter(**kwargs):
@@ -340,15 +220,16 @@ def test_save_lora_merged_starts_no_vllm_engine(monkeypatch, tmp_path):
     class Loaded(Exception):
         pass
 
-    def load_model(settings, load_in_4bit=None):
-        asked.append((settings, load_in_4bit))
+    def load_model(settings, plan):
+        asked.append(plan)
         raise Loaded
 
+    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: gpu_machine()))
     monkeypatch.setattr(models, "load_model", load_model)
     with pytest.raises(Loaded):
         save_lora(adapter_dir(tmp_path / "run" / "adapter").parent, tmp_path / "merged", merged=True)
-    ((settings, four_bit),) = asked
-    assert settings.fast_inference is False and four_bit is False
+    (plan,) = asked
+    assert plan.generator == "transformers" and plan.weights == "bf16"
 
 
 # 5. On a GPU, Unsloth's trainer is used as it is (its loss only checked to be finite)
@@ -357,12 +238,12 @@ def test_save_lora_merged_starts_no_vllm_engine(monkeypatch, tmp_path):
 def test_gpu_trainer_is_unsloths_untouched_and_cpu_override_matches_trl():
     import trl
 
-    from grpo_cli.train import trainer_class
+    from grpo_cli.trainer import trainer_class
 
-    gpu = trainer_class(cpu=False)  # Unsloth's trainer, with only a finite-loss check around compute_loss
+    gpu = trainer_class(resolve(Settings(), gpu_machine()))  # Unsloth's, with only a finite-loss check
     assert gpu.__bases__ == (trl.GRPOTrainer,)
     assert {name for name, value in vars(gpu).items() if callable(value)} == {"compute_loss"}
-    cpu = trainer_class(cpu=True)
+    cpu = trainer_class(resolve(Settings(), Machine()))
     assert inspect.signature(cpu._get_per_token_logps_and_entropies).parameters.keys() <= set(
         inspect.signature(trl.GRPOTrainer._get_per_token_logps_and_entropies).parameters
     ) | {"multimodal"}
@@ -390,8 +271,10 @@ def test_patch_fast_rl_is_called_only_where_it_does_something(monkeypatch, fake_
     calls = []
     module.PatchFastRL = lambda algorithm=None, FastLanguageModel=None: calls.append(algorithm)  # noqa: N803
     monkeypatch.setattr(trl, "GRPOTrainer", type(trainer_name, (), {}))
-    models.patch_fast_rl()
+    models.patch_fast_rl(resolve(Settings(), gpu_machine()))
     assert calls == (["GRPO"] if called else [])
+    models.patch_fast_rl(resolve(Settings(), gpu_machine(strategy="zero3", processes=2)))
+    assert calls == (["GRPO"] if called else [])  # plain TRL: unsloth is not even imported
 
 
 # 7. The GPU install: pinned, inside TRL's vLLM window

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from grpo_cli import runs
+from grpo_cli.adapter import occupied
 from grpo_cli.errors import GrpoError
 from rewards import RewardError, checked
 
@@ -64,10 +66,12 @@ def test_a_nan_reward_is_an_error_naming_the_completion_unless_skipped():
 def test_a_non_finite_loss_stops_before_backward(monkeypatch):
     import trl
 
-    from grpo_cli.train import trainer_class
+    from grpo_cli.config import Settings
+    from grpo_cli.plan import Machine, resolve
+    from grpo_cli.trainer import trainer_class
 
-    for cpu in (True, False):
-        trainer = object.__new__(trainer_class(cpu=cpu))
+    for machine in (Machine(), Machine(cuda=True)):
+        trainer = object.__new__(trainer_class(resolve(Settings(), machine)))
         monkeypatch.setattr(trl.GRPOTrainer, "compute_loss", lambda self, *a, **kw: torch.tensor(float("nan")))
         with pytest.raises(runs.NumericError, match="the loss is nan: lower --learning-rate"):
             trainer.compute_loss(None, {})
@@ -82,25 +86,99 @@ def test_each_failure_has_its_exit_code(exc, code):
     assert runs.failure_kind(exc)[1] == code
 
 
-def test_a_live_run_holds_its_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys):
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+RUN = """
+import sys
+from grpo_cli import runs
+print("ready", flush=True)
+sys.stdin.readline()  # the start, given to every run at once
+try:
+    lock = runs.acquire_lock(sys.argv[1])
+except Exception as exc:
+    print(exc, flush=True)
+    raise SystemExit(1)
+print("won", flush=True)
+sys.stdin.readline()  # holds the folder until told to finish
+runs.release_lock(lock)
+"""
+
+
+def start_runs(folder, n=1):
+    """``n`` processes that take ``folder``'s lock at the same moment; each says "won" or why not on its first line
+    of output, and a winner holds the folder until its stdin gets a line."""
+    procs = [subprocess.Popen([sys.executable, "-c", RUN, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for _ in range(n)]  # fmt: skip
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * n
+    for p in procs:
+        p.stdin.write("\n")
+        p.stdin.flush()
+    return procs
+
+
+def test_two_runs_racing_for_a_folder_one_wins_and_the_other_names_it(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for race in range(3):
+        folder = tmp_path / str(race)
+        folder.mkdir()
+        (folder / runs.LOCK).write_text(json.dumps({"pid": gone.pid, "started": time.time()}))  # a killed run's
+        racers = start_runs(folder, 2)
+        try:
+            said = [r.stdout.readline() for r in racers]
+            winners = [r for r, s in zip(racers, said) if s == "won\n"]
+            assert len(winners) == 1, said
+            (refusal,) = [s for s in said if s != "won\n"]
+            assert re.match(rf"{folder} is in use by another grpo train \(PID {winners[0].pid}, started ", refusal)
+        finally:
+            rest = [r.communicate("\n", timeout=60)[0] for r in racers]
+        assert rest == ["", ""] and sorted(r.returncode for r in racers) == [0, 1]
+
+
+def test_a_killed_run_lets_its_folder_go_with_no_stale_lock_to_remove(tmp_path, capsys):
+    (run,) = start_runs(tmp_path)
+    assert run.stdout.readline() == "won\n"
+    run.kill()
+    run.wait()
+    lock = runs.acquire_lock(tmp_path)
+    assert capsys.readouterr().out == ""
+    assert json.loads((tmp_path / runs.LOCK).read_text())["pid"] == os.getpid()
+    runs.release_lock(lock)
+    assert not (tmp_path / runs.LOCK).exists() and not occupied(tmp_path)
+
+
+def test_a_lock_file_naming_a_live_process_but_unlocked_does_not_hold_the_folder(tmp_path, capsys):
+    # a killed run's PID, now another process's
+    (tmp_path / runs.LOCK).write_text(json.dumps({"pid": os.getppid(), "started": time.time()}))
+    lock = runs.acquire_lock(tmp_path)
+    assert capsys.readouterr().out == ""
+    assert json.loads((tmp_path / runs.LOCK).read_text())["pid"] == os.getpid()
+    runs.check_lock(tmp_path)  # this process's own lock, held on another open file, does not refuse it
+    runs.release_lock(lock)
+    assert not (tmp_path / runs.LOCK).exists()
+
+
+def test_a_live_run_holds_its_folder_until_it_ends(tmp_path):
+    (run,) = start_runs(tmp_path)
     try:
-        (tmp_path / runs.LOCK).write_text(json.dumps({"pid": live.pid, "started": time.time()}))
-        with pytest.raises(GrpoError, match=rf"is in use by another grpo train \(PID {live.pid}, started .*\): wait"):
-            runs.acquire_lock(tmp_path)
+        assert run.stdout.readline() == "won\n"
+        with pytest.raises(GrpoError, match=rf"is in use by another grpo train \(PID {run.pid}, started .*\): wait"):
+            runs.check_lock(tmp_path)
         result = subprocess.run(
             [sys.executable, "-m", "grpo_cli", "train", "--output-dir", str(tmp_path)],
             capture_output=True, text=True,
         )  # fmt: skip
-        assert result.returncode == 2 and f"(PID {live.pid}, started" in result.stderr
+        assert result.returncode == 2 and f"(PID {run.pid}, started" in result.stderr
     finally:
-        live.kill()
-        live.wait()
-    lock = runs.acquire_lock(tmp_path)  # its process is gone: stale
-    assert "Removing a stale lock" in capsys.readouterr().out
-    assert json.loads(lock.read_text())["pid"] == os.getpid()
-    runs.release_lock(lock)
-    assert not lock.exists()
+        run.kill()
+        run.wait()
+    # its PID, now another process's
+    (tmp_path / runs.LOCK).write_text(json.dumps({"pid": os.getppid(), "started": time.time()}))
+    runs.check_lock(tmp_path)
+
+
+def test_a_folder_that_cannot_be_made_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(GrpoError, match=r"cannot create .*file/run \(Not a directory\): give an --output-dir you"):
+        runs.acquire_lock(tmp_path / "file" / "run")
 
 
 def checkpoint(root, step, weights=b""):
@@ -129,7 +207,7 @@ def test_resume_skips_a_truncated_or_unreadable_checkpoint(tmp_path, capsys):
 def test_resume_refuses_a_change_of_meaning_unless_asked(tmp_path):
     from grpo_cli.adapter import write_json
     from grpo_cli.config import Settings
-    from grpo_cli.train import resume_point
+    from grpo_cli.runs import resume_point
 
     before = Settings()
     before.train.output_dir = str(tmp_path)

@@ -1,0 +1,201 @@
+"""What the trainer calls back at each step: the step line and metrics, a clean stop on a signal, a warning when
+the rewards give no signal, and held-out evaluation while training."""
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from grpo_cli import dist, report
+from grpo_cli.config import Settings
+from grpo_cli.plan import Plan
+
+
+def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
+    """A callback that shows a progress bar, prints one line a step, appends metrics and keeps samples."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    console = Console(soft_wrap=True, highlight=False)
+
+    class StepLog(TrainerCallback):
+        trainer = None  # set once the trainer exists: TRL keeps the latest completions on it
+        progress = task = None
+        skipped = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:  # under a launcher the main process alone shows and writes the run
+                return
+            self.progress = Progress(
+                TextColumn("step {task.completed}/{task.total}"), BarColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"), console=console, transient=True,
+            )  # fmt: skip
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, status="")
+            self.progress.start()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.stop()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "reward" not in logs or not state.is_world_process_zero:
+                return
+            step = state.global_step
+            report.append_metrics(
+                output_dir, {"step": step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            )
+            if self.trainer is not None and (step == 1 or step % sample_every == 0):
+                report.append_samples(output_dir, step, getattr(self.trainer, "_logs", {}))
+            per_reward = [
+                f"{k.split('/')[1].removesuffix('_reward')} {v:.3f}"
+                for k, v in logs.items()
+                if k.startswith("rewards/") and k.endswith("/mean")
+            ]
+            kl = f"kl {logs['kl']:.4f}" if "kl" in logs else None
+            length = f"length {logs.get('completions/mean_length', 0):.1f}"
+            seconds = f"{logs['step_time']:.1f}s" if "step_time" in logs else None
+            skipped = sum(getattr(f, "skipped", 0) for f in reward_funcs)  # reward_nan: skip
+            nan = f"nan skipped {skipped - self.skipped}" if skipped > self.skipped else None
+            self.skipped = skipped
+            held_out = eval_line(logs) if "eval_accuracy" in logs else None
+            line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length, nan,
+                    seconds, held_out]  # fmt: skip
+            console.print(" | ".join(part for part in line if part))
+            accuracy = f"eval acc {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else None
+            status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length, accuracy) if part)
+            self.progress.update(self.task, completed=step, status=status)
+
+    return StepLog()
+
+
+def stop_on_signal():
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second one exits at once. Under a launcher every
+    process stops after the same step, whichever got the signal; a launcher may pass on a Ctrl-C that the terminal
+    also sent its workers, so a repeat within a few seconds is the same one."""
+    from transformers import TrainerCallback
+
+    class StopOnSignal(TrainerCallback):
+        signum = None
+        at = 0.0
+
+        def handle(self, signum, frame):
+            if self.signum is not None:
+                if dist.world_size() == 1 or time.monotonic() - self.at > 3:
+                    os._exit(128 + signum)
+                return
+            self.signum, self.at = signum, time.monotonic()
+            if dist.is_main():
+                print(
+                    "\nStopping after this step to save a checkpoint and the adapter (again to quit at once)",
+                    flush=True,
+                )
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if dist.any_process(self.signum is not None):
+                self.signum = self.signum or signal.SIGTERM  # another process got it
+                control.should_save = True
+                control.should_training_stop = True
+
+    return StopOnSignal()
+
+
+def no_signal_watch(steps: int, stop: bool):
+    """Warn once (or stop, with a checkpoint) when no group has had any reward spread for ``steps`` steps in a
+    row: every advantage is zero then, and GRPO learns nothing."""
+    from rich.console import Console
+    from transformers import TrainerCallback
+
+    class NoSignal(TrainerCallback):
+        flat = 0
+        warned = False
+        trainer = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "frac_reward_zero_std" not in logs:
+                return
+            self.flat = self.flat + 1 if logs["frac_reward_zero_std"] >= 1.0 else 0
+            if self.flat < steps or self.warned:
+                return
+            completions = list(getattr(self.trainer, "_logs", {}).get("completion", []))
+            texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+            unparsed = sum("<answer>" not in t for t in texts) / len(texts) if texts else float("nan")
+            Console(highlight=False).print(
+                f"[yellow]warning[/]: no learning signal for {self.flat} steps: every reward is constant within "
+                f"every group ({unparsed:.0%} of the last completions have no <answer> tag). Add a shaped reward "
+                "(e.g. --reward answer_tag), a one-shot example in --system-prompt, or more --num-generations; "
+                "`grpo train --dry-run` checks the rewards on base-model samples"
+                + (". Stopping with a checkpoint (--stop-on-no-signal)" if stop else "")
+            )
+            self.warned = True
+            if stop:
+                control.should_save = control.should_training_stop = True
+
+    return NoSignal()
+
+
+def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenizer, output_dir: Path):
+    """A callback that scores the adapter being trained on held-out prompts, greedy, with the run's system prompt,
+    in the engine training generates with: before step 1, then every ``eval_steps`` steps. Its accuracy, format
+    rate, mean length and cost go into that step's log (metrics, step line, loggers, plot)."""
+    from rich.console import Console
+    from transformers import TrainerCallback
+
+    from grpo_cli.evaluate import score, summarize
+    from grpo_cli.generate import Sampling, engine_for
+
+    texts = [tokenizer.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in examples]
+    greedy = Sampling(greedy=True, max_tokens=settings.train.max_completion_length)
+    every = settings.train.eval_steps
+
+    class HeldOut(TrainerCallback):
+        trainer = None
+        pending = None
+        scratch = None  # where Unsloth's vLLM engine writes the live adapter's config: never the working directory
+
+        def evaluate(self) -> dict:
+            started = time.time()
+            model = self.trainer.model
+            self.scratch = self.scratch or Path(tempfile.mkdtemp(prefix="grpo-live-"))
+            generator = engine_for(plan)(model, tokenizer, None)
+            generator.follow(self.scratch)
+            model.eval()
+            try:
+                completions = generator.generate(texts, greedy, adapter=True)
+            finally:
+                # back to training as it was: Unsloth's generate turns gradient checkpointing off for inference and
+                # only its for_training turns it on again; TRL logs a step's metrics as training ones only while
+                # the model is in training mode
+                model.for_training() if plan.unsloth else model.train()
+            summary = summarize(score(completions, examples, [], tokenizer), [])
+            return {f"eval_{k}": v for k, v in summary.items()} | {"eval_seconds": time.time() - started}
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step == 0 and state.is_world_process_zero:  # the others wait for it at the next step
+                metrics = self.evaluate()
+                report.append_metrics(output_dir, {"step": 0, **metrics})
+                Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % every == 0 and state.is_world_process_zero:
+                self.pending = self.evaluate()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.pending and logs is not None and "reward" in logs:
+                logs.update(self.pending)  # the loggers after this callback, and StepLog, see it with the step
+                self.pending = None
+
+    return HeldOut()
+
+
+def eval_line(logs: dict) -> str:
+    return (
+        f"eval accuracy {logs['eval_accuracy']:.1%} format {logs['eval_format_rate']:.1%} "
+        f"length {logs['eval_mean_length']:.1f} ({logs['eval_seconds']:.0f}s)"
+    )
