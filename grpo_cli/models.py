@@ -259,16 +259,17 @@ def add_lora(model, settings: ModelSettings, plan: Plan):
 
 
 def patch_fast_rl(plan: Plan) -> None:
-    """Unsloth's GRPO patches, where the plan trains with Unsloth. Importing unsloth's GPU backend already swaps
-    TRL's GRPOTrainer for its own (``UnslothGRPOTrainer``), so PatchFastRL is called only where that has not
-    happened and it is exported; the CPU backend exports none, and TRL's trainer is used as it is. A plan that
-    trains with plain TRL never imports unsloth, which would swap the trainer."""
-    if not plan.unsloth:
+    """Unsloth's GRPO patches. Importing unsloth's GPU backend swaps TRL's GRPOTrainer for its own
+    (``UnslothGRPOTrainer``), so a plan that trains with plain TRL on a GPU never imports it, and PatchFastRL is
+    called only where the import has not patched TRL already and it is exported. Unsloth's CPU backend swaps no
+    trainer and exports no PatchFastRL; its import gives TRL's fused log-prob head the kernel it lacks without
+    Triton, which the plain path on CPU needs too."""
+    if not plan.unsloth and plan.cuda:
         return
     import unsloth
     from unsloth import FastLanguageModel
 
     trl = importlib.import_module("trl")  # after unsloth, which patches it on import
-    if trl.GRPOTrainer.__name__.startswith("Unsloth") or not hasattr(unsloth, "PatchFastRL"):
+    if not plan.unsloth or trl.GRPOTrainer.__name__.startswith("Unsloth") or not hasattr(unsloth, "PatchFastRL"):
         return
     unsloth.PatchFastRL("GRPO", FastLanguageModel)

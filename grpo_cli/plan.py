@@ -8,6 +8,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from grpo_cli.config import ModelSettings, Settings
+from grpo_cli.dist import STRATEGIES
 
 STRATEGIES_UNSLOTH_TRAINS = ("single", "ddp")  # FSDP and ZeRO train with plain TRL + PEFT
 
@@ -96,7 +97,7 @@ class Plan:
             f"generation: {generator}",
             weights,
             "CPU speed paths on" if self.cpu_paths else None,
-            f"{self.processes} processes, {self.strategy}" if self.processes > 1 else None,
+            f"{self.processes} processes, {STRATEGIES[self.strategy]}" if self.processes > 1 else None,
         ]
         line = "Plan: " + " | ".join(p for p in parts if p)
         return line + (f" ({'; '.join(self.why)})" if self.why else "")
@@ -205,4 +206,3 @@ def for_inference(model: ModelSettings, trained: dict | None = None) -> Plan:
     if weights is not None:
         model = dataclasses.replace(model, load_in_4bit=weights == "4bit")
     return resolve(Settings(model=model), training=False)
-

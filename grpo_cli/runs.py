@@ -290,7 +290,7 @@ def rescue(trainer, model, manifest: dict, output_dir: Path, failure: Exception)
 
         traceback.clear_frames(failure.__traceback__)
         gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        torch.cuda.empty_cache()  # a no-op where CUDA was never initialized
     step = trainer.state.global_step
     checkpoint = None
     try:

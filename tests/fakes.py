@@ -136,7 +136,6 @@ def adapter_dir(root: Path, rank: int = 8) -> Path:
     return root
 
 
-
 def unsloth_gguf_export(save_directory, tokenizer=None, quantization_method="fast_quantized"):
     """Unsloth's save_pretrained_gguf as it writes: the merged model into save_directory, the GGUF file into the
     directory its own `_gguf_output_directory` names (a sibling)."""
@@ -179,3 +178,15 @@ def torch_logprob(monkeypatch) -> None:
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
         monkeypatch.setattr(utils, "_ChunkedLogProbFunction", bench.torch_chunked_logprob())
+
+
+def tiny_llama(vocab_size: int = 64, pad_token_id: int | None = None):
+    """A two-layer Llama of random weights (seeded), built from its config: no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa", pad_token_id=pad_token_id,
+    )  # fmt: skip
+    return LlamaForCausalLM(config)

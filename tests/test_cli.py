@@ -112,3 +112,18 @@ def test_resume_without_a_run_or_a_checkpoint(tmp_path):
     )
     result = grpo("train", "--resume", "latest", "--output-dir", "run", "--num-generations", "6", cwd=tmp_path)
     assert result.returncode == 2 and "--resume: no checkpoint checkpoint-N in run" in result.stderr
+
+
+def test_eval_refuses_a_full_output_folder_before_loading_a_model(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval.json").write_text("{}")
+    result = grpo("eval", "--output-dir", str(tmp_path / "eval"), "--limit", "2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is not empty" in result.stderr
+    assert "Plan:" not in result.stdout + result.stderr  # refused before the plan's model loaded
+
+
+def test_the_model_card_links_nowhere_it_is_not_published():
+    from grpo_cli.adapter import model_card
+
+    card = model_card({"base_model": "smollm2-135m", "settings": {}, "rewards": ["answer_tag"]})
+    assert "pypi.org" not in card and "trained with grpo" in card

@@ -41,14 +41,9 @@ def tiny_hybrid():
 
 @pytest.fixture
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.fakes import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama().eval()
 
 
 def repeated_prompts():

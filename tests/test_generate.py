@@ -9,14 +9,9 @@ from grpo_cli.models import cpu_attention
 
 @pytest.fixture
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.fakes import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa",
-    )  # fmt: skip
-    return LlamaForCausalLM(config).to(torch.bfloat16)
+    return tiny_llama().to(torch.bfloat16)
 
 
 @pytest.fixture
@@ -147,7 +142,9 @@ def test_the_plan_loads_the_dtype_unsloth_loads_on_each_kind(monkeypatch, flags,
     monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
     chosen = loader._resolve_dtype(None)  # what FastLanguageModel.from_pretrained loads on CPU
     assert str(chosen) == f"torch.{dtype}"
-    monkeypatch.setattr(plan.Machine, "here", classmethod(lambda cls: cls(cpu_kind=cpu.kind(), cpu_bf16=cpu.bf16_native())))
+    monkeypatch.setattr(
+        plan.Machine, "here", classmethod(lambda cls: cls(cpu_kind=cpu.kind(), cpu_bf16=cpu.bf16_native()))
+    )
     resolved = plan.resolve(Settings())
     assert resolved.dtype() == chosen and resolved.cpu_kind == kind
     native = "bf16: this CPU computes it natively" if dtype == "bfloat16" else "fp32: this CPU has no native bf16"

@@ -342,7 +342,7 @@ def gpu_run(tmp_path_factory):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_train_4bit_lora_two_steps_checkpoint_save_infer_eval_merge(gpu_run, tmp_path):
     out, stdout = gpu_run
-    assert "Backend: Unsloth GPU" in stdout and "step 2/2 | reward" in stdout
+    assert "Plan: Unsloth on GPU" in stdout and "step 2/2 | reward" in stdout
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and (out / "checkpoint-2" / "optimizer.pt").is_file()
     assert "optimizer paged_adamw_8bit needs CUDA" not in stdout  # kept on a GPU, as the reference
@@ -390,7 +390,7 @@ def test_gpu_standby_turns_expandable_segments_off():
 @pytest.mark.skipif(not (CUDA and VLLM), reason="needs CUDA and vLLM")
 def test_vllm_fast_generate_with_and_without_the_adapter_one_bos(gpu_run, tmp_path):
     out, stdout = gpu_run
-    assert "Backend: Unsloth GPU + vLLM" in stdout
+    assert "Plan: Unsloth on GPU | generation: Unsloth's vLLM" in stdout
     pair = Pair(None, out / "adapter")
     assert pair.engine.__class__.__name__ == "VLLMEngine"
     texts = pair.texts(["What is 7 + 5?"], None)

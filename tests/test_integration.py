@@ -111,6 +111,22 @@ def test_infer_round_trip_adapter_differs_from_base(run):
     assert first[0]["base"] != first[0]["adapter"]
 
 
+def test_infer_without_an_adapter_answers_with_the_base_and_its_plan():
+    result = grpo("infer", "--prompt", "What is 2+3?", "--max-tokens", "8", "--json")
+    (row,) = json.loads(result.stdout)
+    assert row["prompt"] == "What is 2+3?" and isinstance(row["base"], str) and "adapter" not in row
+    assert "Plan: Unsloth on CPU" in result.stderr
+
+
+def test_the_run_keeps_its_plan_and_infer_reloads_that_base(run):
+    manifest = json.loads((run[0] / "adapter" / "grpo.json").read_text())
+    plan = manifest["plan"]
+    assert plan["trainer"] == "unsloth" and plan["generator"] == "transformers" and plan["device"] == "cpu"
+    from grpo_cli.generate import Pair
+
+    assert Pair(None, run[0] / "adapter").plan.weights == plan["weights"]
+
+
 def test_infer_applies_the_manifest_prompt_and_refuses_another_base(run, tmp_path):
     from grpo_cli.generate import Pair
 
@@ -137,8 +153,10 @@ def test_embedded_tokenizer_ends_at_im_end_and_generation_stops_there():
     from grpo_cli.config import ModelSettings
     from grpo_cli.generate import Sampling, chat_texts, generate_hf
     from grpo_cli.models import load_model
+    from grpo_cli.plan import for_inference
 
-    model, tokenizer = load_model(ModelSettings(lora_rank=8))
+    settings = ModelSettings(lora_rank=8)
+    model, tokenizer = load_model(settings, for_inference(settings))
     assert tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>" and tokenizer.eos_token_id == 2
     texts = chat_texts(tokenizer, ["What is the capital of France? Answer in one word."], "")
     batch = tokenizer(texts, return_tensors="pt", add_special_tokens=False)

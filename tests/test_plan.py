@@ -62,6 +62,12 @@ def test_every_reachable_plan(name, s, machine, trainer, generator, weights, cpu
     assert json.loads(json.dumps(plan.to_dict()))["weights"] == weights  # grpo.json keeps it
 
 
+def test_no_vllm_is_named_only_where_it_was_asked_for():
+    assert "vLLM is not installed" in resolve(settings(), gpu_machine(vllm=False)).line()
+    assert "vLLM" not in resolve(settings(fast_inference=False), gpu_machine(vllm=False)).line()
+    assert "vLLM" not in resolve(settings(), CPU_AVX2).line()
+
+
 def test_plans_that_cannot_train_say_why_in_one_line():
     assert "CUDA machine with vLLM" in resolve(settings(vllm_server=SERVER), CPU_AVX2).problem
     assert "CUDA machine with vLLM" in resolve(settings(vllm_server=SERVER), gpu_machine(vllm=False)).problem
@@ -144,17 +150,14 @@ def test_the_plain_path_trains_one_adapter_in_the_bases_dtype(tmp_path, monkeypa
     """On CPU under a plain plan (the FSDP2 fallback's path, one process): a bf16 base, beta 0.04, one step. The
     trainer holds the default adapter only, no fp32 "ref" copy (which wrapping the model ourselves made)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from grpo_cli.train import build_trainer
     from grpo_cli.trainer import grpo_config
-    from tests.fakes import torch_logprob, word_tokenizer
+    from tests.fakes import tiny_llama, torch_logprob, word_tokenizer
 
     torch_logprob(monkeypatch)
     tokenizer = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = tiny_llama(len(tokenizer), tokenizer.pad_token_id).to(torch.bfloat16)
     s = settings({"output_dir": str(tmp_path), "max_steps": 1, "num_generations": 2, "per_device_train_batch_size": 2,
                   "max_completion_length": 4, "beta": 0.04}, lora_rank=4, target_modules=["q_proj", "v_proj"])  # fmt: skip
     s.train.extra = {"save_strategy": "no"}
@@ -210,8 +213,62 @@ def test_held_out_evaluation_gives_training_back_through_unsloths_for_training()
     assert "return model._unsloth_gradient_checkpointing" in source(
         "unsloth.models._utils", "resolve_training_gradient_checkpointing"
     )
-    held_out = (ROOT / "grpo_cli" / "callbacks.py").read_text()
-    assert "model.for_training() if plan.unsloth else model.train()" in held_out
+
+
+class Recording:
+    """The model being trained, as held-out evaluation sees it: what is called on it, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def eval(self):
+        self.calls.append("eval")
+
+    def train(self):
+        self.calls.append("train")
+
+    def for_training(self):
+        self.calls.append("for_training")
+
+    def load_lora(self, save_directory, load_tensors=False):
+        self.calls.append(("load_lora", save_directory))
+
+
+@pytest.mark.parametrize(
+    "machine, last",
+    [(CPU_AVX2, "for_training"), (gpu_machine(), "for_training"),
+     (gpu_machine(strategy="zero3", processes=2), "train")],
+)  # fmt: skip
+def test_held_out_evaluation_hands_the_model_back_to_training(monkeypatch, tmp_path, fake_tokenizer, machine, last):
+    from grpo_cli import callbacks, generate
+
+    class Engine:
+        def __init__(self, model, tokenizer, lora_dir):
+            self.model = model
+
+        def follow(self, scratch):
+            generate.VLLMEngine.follow(self, scratch) if plan.generator == "vllm" else None
+
+        def generate(self, texts, sampling, adapter):
+            return ["<answer>5</answer>"] * len(texts)
+
+    monkeypatch.setattr(generate, "engine_for", lambda plan: Engine)
+    monkeypatch.setattr(type(fake_tokenizer), "__call__", lambda self, text, **kw: {"input_ids": text.split()},
+                        raising=False)  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    s = settings({"eval_steps": 1, "output_dir": str(tmp_path)})
+    plan = resolve(s, machine)
+    held_out = callbacks.held_out_eval(s, plan, [{"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"}],
+                                       fake_tokenizer, tmp_path)  # fmt: skip
+    held_out.trainer = type("T", (), {"model": Recording()})()
+    assert held_out.evaluate()["eval_accuracy"] == 1.0
+    calls = held_out.trainer.model.calls
+    assert calls[-1] == last and "train" not in calls[:-1]
+    if plan.generator == "vllm":  # the live adapter's config goes to a scratch folder, never the working directory
+        (_, scratch), *_ = calls
+        assert Path(scratch).is_absolute() and not scratch.startswith(str(tmp_path))
+        held_out.on_train_end(None, None, None)
+        assert not Path(scratch).exists()
 
 
 # 6. save-lora --gguf checks llama.cpp before loading
@@ -270,3 +327,14 @@ def test_the_live_adapter_config_goes_to_a_scratch_folder(monkeypatch, tmp_path)
     monkeypatch.chdir(tmp_path)
     engine.follow(tmp_path / "scratch")
     assert asked == [(str(tmp_path / "scratch"), True)]
+
+
+def test_collecting_the_tests_imports_no_unsloth():
+    """Importing unsloth patches trl and transformers: a test module that imported it would change what every test
+    after it exercises."""
+    code = (
+        "import sys, pytest; pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('unsloth', 'unsloth_zoo')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-2000:]
