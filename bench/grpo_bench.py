@@ -47,6 +47,9 @@ def arguments(argv=None):
         help="plain's compute dtype (default: bf16 on GPU, fp32 on CPU, as transformers loads it there)",
     )
     p.add_argument("--seed", type=int, default=3407)
+    p.add_argument(
+        "--busy", type=int, default=0, help="also measure each round beside this many busy processes (a busy machine)"
+    )
     p.add_argument("--budget", type=float, default=540, help="seconds; no round starts that would end past it")
     p.add_argument(
         "--results", default="auto", help="markdown file for the figures (auto: bench/results/<machine kind>.md; none)"
@@ -260,8 +263,10 @@ def one_run(args) -> dict:
         if not cpu
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     )
+    from grpo_cli import threads
+
     return {
-        "engine": args.engine, "note": note,
+        "engine": args.engine, "note": note, "threads": threads.describe(),
         "step_time": statistics.median(s["step_time"] for s in counted),
         "generation_tokens_per_s": sum(s["completion_tokens"] for s in counted) / sum(s["generation"] for s in counted),
         "training_tokens_per_s": sum(tokens) / sum(s["step_time"] - s["generation"] for s in counted),
@@ -336,6 +341,7 @@ def compare(args) -> None:
         print(f"machine: {cpu.describe()}; {machine['dtype']}: memory read {machine['bandwidth'] / 1e9:.1f} GB/s, "
               f"matmul {machine['flops'] / 1e9:.1f} GFLOP/s at the model's shapes x {machine['rows']} rows", flush=True)  # fmt: skip
     results = {"grpo": [], "plain": []}
+    beside_busy = {"grpo": [], "plain": []}  # with --busy: each round again beside that many busy processes
     rounds = 0
     for round_ in range(args.rounds):
         took = (time.time() - began) / max(rounds, 1)
@@ -343,14 +349,20 @@ def compare(args) -> None:
             print(f"stopping after {rounds} of {args.rounds} rounds: another would pass the {args.budget:.0f} s budget")
             break
         rounds += 1
-        for engine in ("grpo", "plain"):
-            cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
-            print(f"round {round_ + 1}/{args.rounds}: {engine} ...", flush=True)
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("{")), None)
-            if done.returncode or line is None:
-                sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
-            results[engine].append(json.loads(line))
+        for neighbours, into in [(0, results)] + ([(args.busy, beside_busy)] if args.busy else []):
+            others = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(neighbours)]
+            try:
+                for engine in ("grpo", "plain"):
+                    cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
+                    print(f"round {round_ + 1}/{args.rounds}: {engine}, {neighbours} busy ...", flush=True)
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("{")), None)
+                    if done.returncode or line is None:
+                        sys.exit(f"{engine} run failed:\n{done.stderr[-3000:]}")
+                    into[engine].append(json.loads(line))
+            finally:
+                for other in others:
+                    other.kill()
     keys = [("step_time", "median step time (s)"), ("generation_tokens_per_s", "generation tokens/s"),
             ("training_tokens_per_s", "training tokens/s"), ("peak_memory_gib", "peak memory (GiB)")]  # fmt: skip
     med = {e: {k: statistics.median(r[k] for r in rs) for k, _ in keys} for e, rs in results.items()}
@@ -372,6 +384,17 @@ def compare(args) -> None:
         "",
         f"speed-up (plain step time / grpo step time): {med['plain']['step_time'] / med['grpo']['step_time']:.2f}x",
     ]
+    if args.busy:
+        lines += [
+            "",
+            f"| median step time (s) | idle | beside {args.busy} busy | busy / idle |",
+            "| --- | --- | --- | --- |",
+        ]
+        for engine in ("grpo", "plain"):
+            idle = med[engine]["step_time"]
+            busy = statistics.median(r["step_time"] for r in beside_busy[engine])
+            lines.append(f"| {engine} | {idle:.2f} | {busy:.2f} | {busy / idle:.2f} |")
+        lines.append(f"grpo's threads: {results['grpo'][0].get('threads', 'as torch chose')}")
     if machine:
         tokens = {k: statistics.median(r["tokens"][k] for r in results["grpo"]) for k in results["grpo"][0]["tokens"]}
         bound = step_bound(machine, tokens, completions, args.generations)
@@ -424,6 +447,10 @@ if __name__ == "__main__":
     if args.arch:
         args.model = build_arch(args.arch, args.layers)
     if args.engine:
+        if args.engine == "grpo":  # grpo's threads and waiting, set before torch loads as `grpo` sets them
+            from grpo_cli import threads
+
+            threads.prepare()
         print(json.dumps(one_run(args)), flush=True)
     else:
         compare(args)

@@ -375,6 +375,9 @@ def quiet_libraries() -> None:
 
 
 def main() -> None:
+    from grpo_cli import threads
+
+    threads.prepare()  # before anything loads torch: its OpenMP reads the thread count and spin once, on load
     if "--debug" not in sys.argv:
         quiet_libraries()
     from grpo_cli import dist

@@ -162,6 +162,10 @@ def load_model(settings: ModelSettings, plan: Plan):
         tokenizer.pad_token = tokenizer.eos_token
     if not plan.cuda and model.config._attn_implementation == "sdpa":
         model.set_attn_implementation(cpu_attention())
+    if not plan.cuda:  # fewer threads while other processes hold cores, checked at each forward at most twice a second
+        from grpo_cli.threads import Adaptive
+
+        model.register_forward_pre_hook(Adaptive())
     # The LM head gets a slice of the hidden states (the last position, or the completion); against a frozen
     # weight, torch's matmul turns a non-contiguous 3-d input into a batched matmul over 8 copies of the weight:
     # 0.44 s a call for a 49k vocabulary on 2 cores, 4 ms once the input is contiguous.

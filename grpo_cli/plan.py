@@ -25,12 +25,13 @@ class Machine:
     cpu_bf16_forced: bool = False  # UNSLOTH_CPU_BF16 decides it, not the flags
     strategy: str = "single"
     processes: int = 1
+    threads: str = ""  # on CPU: torch's threads and how they wait (grpo_cli/threads.py)
 
     @classmethod
     def here(cls) -> "Machine":
         import torch
 
-        from grpo_cli import cpu, dist
+        from grpo_cli import cpu, dist, threads
 
         cuda = torch.cuda.is_available()
         return cls(
@@ -42,6 +43,7 @@ class Machine:
             cpu_bf16_forced=cpu.bf16_forced(),
             strategy=dist.strategy(),
             processes=dist.world_size(),
+            threads=threads.describe(),
         )
 
 
@@ -56,6 +58,7 @@ class Plan:
     compute: str  # bf16, fp16, fp32: the 16-bit (or fp32) dtype the weights and LoRA compute in
     cpu_kind: str | None  # on CPU: amx, avx512_bf16, avx512, avx2, arm, other
     cpu_paths: bool  # CPU generation with the LoRA folded and packed, each prompt once for its group
+    threads: str | None = None  # on CPU: torch's threads and how they wait
     why: tuple[str, ...] = ()  # the reasons behind the choices that are not the plain default
     algorithm: tuple[tuple[str, object], ...] = field(default=())  # GRPOConfig fields set alike on every trainer
     problem: str | None = None  # why these settings cannot train here, said in one line before anything loads
@@ -85,7 +88,11 @@ class Plan:
     def line(self) -> str:
         """The plan in one line, as train, infer, eval, doctor and --dry-run print it."""
         trainer = {"unsloth": "Unsloth", "trl": "plain TRL + PEFT"}[self.trainer]
-        where = f"CPU ({self.cpu_kind})" if self.device == "cpu" else "GPU"
+        where = (
+            f"CPU ({self.cpu_kind}; {self.threads})"
+            if self.device == "cpu" and self.threads
+            else (f"CPU ({self.cpu_kind})" if self.device == "cpu" else "GPU")
+        )
         generator = {
             "transformers": "transformers generate",
             "vllm": "Unsloth's vLLM",
@@ -194,6 +201,7 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
         compute=compute,
         cpu_kind=None if m.cuda else m.cpu_kind,
         cpu_paths=not m.cuda and trainer == "unsloth",
+        threads=None if m.cuda else m.threads or None,
         why=tuple(why),
         algorithm=algorithm(settings),
         problem=problem,
