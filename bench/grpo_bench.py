@@ -171,7 +171,7 @@ def load(engine, args):
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), tokenizer, note
+    return get_peft_model(model, lora), tokenizer, note, None
 
 
 def one_run(args) -> dict:
@@ -444,13 +444,13 @@ def machine_kind() -> str:
 
 if __name__ == "__main__":
     args = arguments()
+    if args.engine == "grpo":  # grpo's threads and waiting, set before torch loads, as `grpo` sets them
+        from grpo_cli import threads
+
+        threads.prepare()
     if args.arch:
         args.model = build_arch(args.arch, args.layers)
     if args.engine:
-        if args.engine == "grpo":  # grpo's threads and waiting, set before torch loads as `grpo` sets them
-            from grpo_cli import threads
-
-            threads.prepare()
         print(json.dumps(one_run(args)), flush=True)
     else:
         compare(args)

@@ -125,8 +125,10 @@ def packed_linear_faster(weights: list, rows: int) -> bool:
     if override == "1":
         return True
     shapes = sorted({tuple(w.shape) for w in weights})
+    # keyed by the threads chosen at start: while other processes hold cores the run has fewer (grpo_cli/threads.py)
+    threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or torch.get_num_threads()
     key = hashlib.sha1(
-        f"{model_name()}|{sorted(flags())}|{torch.get_num_threads()}|{torch.__version__}|{weights[0].dtype}|{shapes}|{rows}".encode()
+        f"{model_name()}|{sorted(flags())}|{threads}|{torch.__version__}|{weights[0].dtype}|{shapes}|{rows}".encode()
     ).hexdigest()[:16]
     cache = _cache()
     try:
@@ -135,6 +137,8 @@ def packed_linear_faster(weights: list, rows: int) -> bool:
         known = {}
     if key in known:
         return known[key]["packed"]
+    if torch.get_num_threads() < threads:  # a busy machine measures nothing true: torch's linear until it is free
+        return False
     plain = packed = 0.0
     for w in {tuple(w.shape): w for w in weights}.values():  # one weight of each shape: the model's own
         count = sum(tuple(v.shape) == tuple(w.shape) for v in weights)

@@ -123,7 +123,7 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
     d = settings.data
     funcs = {spec: checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards}
     examples = load_examples(settings.data)[:prompts]
-    pair = Pair(settings.model.model, None, settings.model.max_seq_length)
+    pair = Pair(settings.model.model, None, settings=settings.model)
     g = settings.train.num_generations
     texts = pair.texts([e["prompt"][-1]["content"] for e in examples for _ in range(g)], settings.data.system_prompt)
     sampling = Sampling(

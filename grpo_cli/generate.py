@@ -436,14 +436,15 @@ class Pair:
     """One loaded base model, and the adapter switched on and off: never two copies. Without an adapter, the base
     alone (the embedded model unless ``model_name`` names another)."""
 
-    def __init__(self, model_name: str | None, lora_dir: Path | None, max_seq_length: int = 2048):
+    def __init__(self, model_name: str | None, lora_dir: Path | None, max_seq_length: int = 2048, settings=None):
+        """``settings``: a run's own model settings (the dry run samples the base as the run would load it)."""
         from grpo_cli import models, plan
         from grpo_cli.config import ModelSettings
 
         self.lora_dir, self.manifest = find_adapter(lora_dir) if lora_dir else (None, {})
         model_name = model_name or self.manifest.get("base_model") or models.EMBEDDED
         trained = self.manifest.get("settings", {}).get("model", {})
-        settings = ModelSettings(
+        settings = settings or ModelSettings(
             model=model_name,
             max_seq_length=max_seq_length,
             lora_rank=trained.get("lora_rank", 16),
@@ -453,6 +454,7 @@ class Pair:
         # the base as the adapter was trained on it: the weights its run's plan loaded, not the ones it asked for
         self.plan = plan.for_inference(settings, self.manifest.get("plan"))
         model, self.tokenizer = models.load_model(settings, self.plan)
+        self.plan = models.as_loaded(model, self.plan)
         expected = self.manifest.get("base_fingerprint")
         if expected and expected != fingerprint(model.config):
             raise GrpoError(

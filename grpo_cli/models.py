@@ -1,5 +1,6 @@
 """Resolve a model name, load it 4-bit through Unsloth, attach LoRA."""
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
@@ -143,6 +144,7 @@ def load_model(settings: ModelSettings, plan: Plan):
         model_name=name,
         max_seq_length=settings.max_seq_length,
         load_in_4bit=plan.load_in_4bit,
+        dtype=plan.dtype(),  # the plan's, not Unsloth's own guess (which would agree, but is not the one printed)
         max_lora_rank=settings.max_lora_rank or settings.lora_rank,
     )
     if plan.cuda:
@@ -157,7 +159,6 @@ def load_model(settings: ModelSettings, plan: Plan):
                 f"pass a local path, or use the embedded {EMBEDDED}"
             ) from exc
         raise GrpoError(f"could not load model {settings.model}: {str(exc).splitlines()[0][:200]}") from exc
-    check_loaded(model, plan)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not plan.cuda and model.config._attn_implementation == "sdpa":
@@ -173,14 +174,18 @@ def load_model(settings: ModelSettings, plan: Plan):
     return model, tokenizer
 
 
-def check_loaded(model, plan: Plan) -> None:
-    """The weights loaded as planned: a library that chose otherwise is said, not hidden."""
-    if plan.load_in_4bit:
-        loaded = "4bit" if getattr(model, "is_loaded_in_4bit", False) else None
+def as_loaded(model, plan: Plan) -> Plan:
+    """The plan with the weights as they loaded. A loader that chose otherwise (Unsloth's CPU loader falls back
+    from 4-bit where bitsandbytes cannot run) is said, and the run's grpo.json records what loaded, so that infer
+    and eval load the same."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        loaded = "4bit"
     else:
         loaded = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(model.dtype))
-    if loaded != plan.weights:
-        print(f"warning: the base loaded as {loaded or model.dtype}, not {plan.weights} as planned")
+    if loaded is None or loaded == plan.weights:
+        return plan
+    print(f"The base loaded as {loaded}, not {plan.weights} as planned: the loader chose it")
+    return dataclasses.replace(plan, weights=loaded, why=(*plan.why, f"{loaded}: as the loader chose"))
 
 
 def cpu_attention() -> str:

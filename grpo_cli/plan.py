@@ -8,9 +8,7 @@ import importlib.util
 from dataclasses import dataclass, field
 
 from grpo_cli.config import ModelSettings, Settings
-from grpo_cli.dist import STRATEGIES
-
-STRATEGIES_UNSLOTH_TRAINS = ("single", "ddp")  # FSDP and ZeRO train with plain TRL + PEFT
+from grpo_cli.dist import STRATEGIES, UNSLOTH_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ class Machine:
         cuda = torch.cuda.is_available()
         return cls(
             cuda=cuda,
-            cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+            cuda_bf16=cuda and torch.cuda.is_bf16_supported(including_emulation=False),  # as Unsloth counts it
             vllm=importlib.util.find_spec("vllm") is not None,
             cpu_kind=cpu.kind(),
             cpu_bf16=cpu.bf16_native(),
@@ -122,6 +120,9 @@ def algorithm(settings: Settings) -> tuple[tuple[str, object], ...]:
         chosen.update(epsilon_high=0.28, mask_truncated_completions=True)
     if t.loss_type == "dr_grpo":  # Dr. GRPO: advantages not divided by the group's std
         chosen.update(scale_rewards="none")
+    if t.loss_type == "cispo":
+        chosen.update(epsilon_high=5.0)
+    chosen.update(router_aux_loss_coef=0.0)  # Unsloth's; TRL's None takes a mixture-of-experts model's own
     return tuple((k, v) for k, v in chosen.items() if k not in t.extra)
 
 
@@ -135,7 +136,7 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
     why: list[str] = []
 
     # Which trainer: Unsloth alone or under DDP; plain TRL + PEFT where the strategy shards the weights
-    trainer = "unsloth" if strategy in STRATEGIES_UNSLOTH_TRAINS else "trl"
+    trainer = "unsloth" if strategy in UNSLOTH_STRATEGIES else "trl"
     if trainer == "trl":
         why.append(f"Unsloth does not train under {strategy}")
 

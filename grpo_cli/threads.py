@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 SPIN = "10000"  # libgomp's spins before a waiting thread sleeps (about 0.1 ms; its default is 300000, about 3 ms)
-USER_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_DYNAMIC")
+USER_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -40,11 +40,20 @@ def share(cores: int, processes: int) -> int:
     return max(1, cores // max(1, processes))
 
 
+def launched(environ=os.environ) -> bool:
+    """Started by torchrun or accelerate launch, which set OMP_NUM_THREADS themselves (1, or their own default)."""
+    return "LOCAL_WORLD_SIZE" in environ
+
+
 def prepare(environ=os.environ) -> str:
-    """Before torch loads: the thread count (the cores usable here, shared with the launcher's other processes on
-    this machine) and the short spin, unless the user set their own. Returns what was chosen, for the plan."""
-    given = [key for key in USER_KEYS if key in environ]
-    if "OMP_NUM_THREADS" not in environ:
+    """Before torch loads: the thread count (the cores usable here, shared with a launcher's other processes on
+    this machine) and the short spin, unless the user set their own (GRPO_NUM_THREADS under a launcher, whose
+    OMP_NUM_THREADS is its own). Returns what was chosen, for the plan."""
+    given = [key for key in USER_KEYS if key in environ and not (key == "OMP_NUM_THREADS" and launched(environ))]
+    if "GRPO_NUM_THREADS" in environ:
+        environ["OMP_NUM_THREADS"] = environ["GRPO_NUM_THREADS"]
+        given.insert(0, "GRPO_NUM_THREADS")
+    elif "OMP_NUM_THREADS" not in given:
         environ["OMP_NUM_THREADS"] = str(share(usable_cores(), int(environ.get("LOCAL_WORLD_SIZE", "1"))))
     if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(given):
         environ["GOMP_SPINCOUNT"] = SPIN
@@ -52,15 +61,20 @@ def prepare(environ=os.environ) -> str:
     return describe(environ)
 
 
+def fixed(environ=os.environ) -> bool:
+    """The thread count is the user's: kept as it is while the run goes on."""
+    return bool({"OMP_NUM_THREADS", "GRPO_NUM_THREADS"} & set(environ.get("GRPO_THREADS_GIVEN", "").split(",")))
+
+
 def describe(environ=os.environ) -> str:
     """The threads and waiting as set, in a few words."""
     given = [k for k in environ.get("GRPO_THREADS_GIVEN", "").split(",") if k]
-    wait = environ.get("OMP_WAIT_POLICY") or (
-        f"spin {environ['GOMP_SPINCOUNT']}" if "GOMP_SPINCOUNT" in environ else "libgomp's spin"
-    )
-    threads = environ.get("OMP_NUM_THREADS", "torch's")
-    adapted = "" if "OMP_NUM_THREADS" in given else ", fewer while other processes hold cores"
-    return f"{threads} threads{adapted}, {wait.lower()}" + (f" ({', '.join(given)} as given)" if given else "")
+    policy = environ.get("OMP_WAIT_POLICY")
+    wait = policy.lower() if policy else f"spin {environ.get('GOMP_SPINCOUNT', 'as libgomp sets it')}"
+    count = environ.get("OMP_NUM_THREADS")
+    threads = f"{count} thread{'s' * (count != '1')}" if count else "torch's threads"
+    adapted = ", fewer while other processes hold cores" if count and count != "1" and not fixed(environ) else ""
+    return f"{threads}{adapted}, {wait}" + (f" ({', '.join(given)} as given)" if given else "")
 
 
 def cpu_ticks(cores: set[int], stat: str | None = None) -> tuple[int, int]:
@@ -92,10 +106,11 @@ class Adaptive:
     def __init__(self, every: float = 0.5, most: int | None = None):
         import torch
 
-        self.torch, self.every = torch, every
+        self.every = every
         self.most = most or torch.get_num_threads()
         self.cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-        self.on = "OMP_NUM_THREADS" not in os.environ.get("GRPO_THREADS_GIVEN", "") and self.most > 1
+        # under a cgroup CPU quota /proc/stat counts the whole host, not what competes within the quota: off
+        self.on = not fixed() and self.most > 1 and usable_cores() == len(self.cores)
         self.at = time.monotonic()
         self.last = self.sample()
         self.changes = 0
@@ -117,6 +132,8 @@ class Adaptive:
             return
         others = max(0.0, (busy - own) / total * len(self.cores))  # cores other processes held
         threads = max(1, min(self.most, round(len(self.cores) - others)))
-        if threads != self.torch.get_num_threads():
-            self.torch.set_num_threads(threads)
+        import torch  # not kept on self: a model with this hook can still be deep-copied
+
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
             self.changes += 1

@@ -33,6 +33,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     models.patch_fast_rl(plan)
     config = grpo_config(settings, plan)
     model, tokenizer = models.load_model(settings.model, plan)
+    plan = models.as_loaded(model, plan)
     manifest = run_manifest(settings, plan, model, tokenizer)
     model = models.add_lora(model, settings.model, plan)
 

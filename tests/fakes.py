@@ -85,6 +85,8 @@ def fake_unsloth(monkeypatch, tmp_path):
             dtype=torch.float32,
             get_output_embeddings=lambda: torch.nn.Linear(2, 2),
             set_attn_implementation=lambda name: seen.update(attention=name),
+            register_forward_pre_hook=lambda hook: seen.update(hook=hook),
+            is_loaded_in_4bit=kwargs.get("load_in_4bit", False),
         )
         return model, types.SimpleNamespace(pad_token=None, eos_token="</s>")
 

@@ -363,9 +363,10 @@ def test_gpu_train_4bit_lora_two_steps_checkpoint_save_infer_eval_merge(gpu_run,
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_model_loads_4bit_with_lora():
     settings = ModelSettings(model=gpu_model(), lora_rank=8, fast_inference=False)
-    model, _ = models.load_model(settings)
-    assert getattr(model, "is_loaded_in_4bit", False)
-    model = models.add_lora(model, settings)
+    plan = resolve(Settings(model=settings))
+    model, _ = models.load_model(settings, plan)
+    assert getattr(model, "is_loaded_in_4bit", False) and plan.weights == "4bit"
+    model = models.add_lora(model, settings, plan)
     assert any("lora_A" in name for name, _ in model.named_parameters())
 
 

@@ -1,7 +1,6 @@
 """The run plan: every plan a user can reach, and the defects that came from deciding in many places. Each test
 that stands for a library's behaviour is held to that library's installed source (tests/real_api.py)."""
 
-import ast
 import dataclasses
 import json
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 from grpo_cli.config import DataSettings, ModelSettings, Settings, TrainSettings
 from grpo_cli.plan import Machine, for_inference, resolve
 from tests.fakes import gpu_machine
-from tests.real_api import definition, parameters, source, source_file
+from tests.real_api import parameters, source, source_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_AVX2 = Machine(cpu_kind="avx2")
@@ -49,6 +48,12 @@ PLANS = [
     ("gpu zero3", settings(), gpu_machine(strategy="zero3", processes=2), "trl", "transformers", "4bit", False),
     ("gpu zero3 server", settings(vllm_server=SERVER), gpu_machine(strategy="zero3", processes=2), "trl", "server",
      "bf16", False),
+    ("gpu standby", settings(vllm_standby=True), gpu_machine(), "unsloth", "vllm", "4bit", False),
+    ("gpu fp16 16-bit", settings(load_in_4bit=False), gpu_machine(cuda_bf16=False), "unsloth", "vllm", "fp16", False),
+    ("cpu bf16 forced", settings(), Machine(cpu_kind="avx2", cpu_bf16=True, cpu_bf16_forced=True), "unsloth",
+     "transformers", "bf16", True),
+    ("cpu fp32 forced", settings(), Machine(cpu_kind="amx", cpu_bf16=False, cpu_bf16_forced=True), "unsloth",
+     "transformers", "fp32", True),
 ]  # fmt: skip
 
 
@@ -73,6 +78,20 @@ def test_plans_that_cannot_train_say_why_in_one_line():
     assert "CUDA machine with vLLM" in resolve(settings(vllm_server=SERVER), gpu_machine(vllm=False)).problem
     fsdp = resolve(settings({"eval_steps": 5}), gpu_machine(strategy="fsdp2", processes=2))
     assert fsdp.problem.startswith("--eval-steps: evaluation during training runs alone or under DDP")
+
+
+@pytest.mark.parametrize(
+    "machine, trained, generator, weights",
+    [(gpu_machine(), {"weights": "bf16"}, "vllm", "bf16"), (gpu_machine(), None, "vllm", "4bit"),
+     (gpu_machine(vllm=False), {"weights": "4bit"}, "transformers", "4bit"), (CPU_BF16, {"weights": "bf16"},
+     "transformers", "bf16"), (gpu_machine(strategy="fsdp2", processes=2), {"weights": "bf16"}, "vllm", "bf16")],
+)  # fmt: skip
+def test_every_inference_plan(monkeypatch, machine, trained, generator, weights):
+    """infer and eval: one process whatever launched the run, Unsloth's vLLM where there is one, the base as the
+    run loaded it."""
+    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: machine))
+    plan = for_inference(ModelSettings(model="qwen2.5-1.5b"), trained)
+    assert (plan.trainer, plan.generator, plan.weights, plan.processes) == ("unsloth", generator, weights, 1)
 
 
 def test_infer_and_eval_load_the_base_as_the_run_loaded_it():
@@ -140,9 +159,7 @@ def test_plain_trl_wraps_the_adapter_itself():
 
     plan = resolve(settings(), gpu_machine(strategy="zero3", processes=2))
     model = object()
-    assert models.add_lora(model, ModelSettings(), plan) is model  # left to TRL's peft_config
-    build = ast.unparse(definition("grpo_cli.train", "build_trainer"))
-    assert "peft_config=None if plan.unsloth else models.lora_config(settings.model)" in build
+    assert models.add_lora(model, ModelSettings(), plan) is model  # left to TRL's peft_config (tested below)
 
 
 @pytest.mark.slow
@@ -176,10 +193,12 @@ def test_the_plain_path_trains_one_adapter_in_the_bases_dtype(tmp_path, monkeypa
 @pytest.mark.parametrize(
     "loss_type, expected",
     [
-        ("grpo", {"vllm_importance_sampling_correction": False}),
+        ("grpo", {"vllm_importance_sampling_correction": False, "router_aux_loss_coef": 0.0}),
         ("dapo", {"vllm_importance_sampling_correction": False, "epsilon_high": 0.28,
-                  "mask_truncated_completions": True}),
-        ("dr_grpo", {"vllm_importance_sampling_correction": False, "scale_rewards": "none"}),
+                  "mask_truncated_completions": True, "router_aux_loss_coef": 0.0}),
+        ("dr_grpo", {"vllm_importance_sampling_correction": False, "scale_rewards": "none",
+                     "router_aux_loss_coef": 0.0}),
+        ("cispo", {"vllm_importance_sampling_correction": False, "epsilon_high": 5.0, "router_aux_loss_coef": 0.0}),
     ],
 )  # fmt: skip
 def test_the_algorithm_is_given_explicitly_to_both_trainers(loss_type, expected):
@@ -191,6 +210,7 @@ def test_the_algorithm_is_given_explicitly_to_both_trainers(loss_type, expected)
     assert '"vllm_importance_sampling_correction": False,' in rl
     assert "epsilon_high = 0.28\\n" in rl and "mask_truncated_completions = True\\n" in rl
     assert "elif scale_rewards == True or scale_rewards == 'group':" in rl
+    assert '"router_aux_loss_coef": 0.0,' in rl and "        epsilon_high = 5.0\\n" in rl
     s = settings({"loss_type": loss_type, "output_dir": "unused", "beta": 0.0})
     for machine in (CPU_AVX2, dataclasses.replace(CPU_AVX2, strategy="fsdp2", processes=2)):
         plan = resolve(s, machine)
@@ -227,7 +247,7 @@ class Recording:
     def train(self):
         self.calls.append("train")
 
-    def for_training(self):
+    def for_training(self, use_gradient_checkpointing=None):  # as Unsloth binds it on the model (checked above)
         self.calls.append("for_training")
 
     def load_lora(self, save_directory, load_tensors=False):

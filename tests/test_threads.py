@@ -33,18 +33,27 @@ def test_prepare_shares_the_cores_and_keeps_the_users_settings(monkeypatch):
     env = {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"}
     assert threads.prepare(env) == "3 threads, passive (OMP_NUM_THREADS, OMP_WAIT_POLICY as given)"
     assert "GOMP_SPINCOUNT" not in env and env["OMP_NUM_THREADS"] == "3"
+    env = {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "2", "GRPO_NUM_THREADS": "3"}  # under a launcher
+    assert threads.prepare(env) == "3 threads, spin 10000 (GRPO_NUM_THREADS as given)"
+    assert threads.prepare({"LOCAL_WORLD_SIZE": "2"}) == "4 threads, fewer while other processes hold cores, spin 10000"
 
 
 def test_the_cli_sets_threads_before_torch_loads():
+    """Under a launcher with two processes on this machine (which sets its own OMP_NUM_THREADS): half the cores
+    each, set before anything imported torch."""
     code = (
         "import os, sys; sys.argv = ['grpo', '--help']\n"
-        "from grpo_cli import cli\n"
+        "from grpo_cli import cli, threads\n"
+        "prepare = threads.prepare\n"
+        "threads.prepare = lambda: print('torch loaded before:', 'torch' in sys.modules) or prepare()\n"
         "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
         "import torch; print(os.environ['GOMP_SPINCOUNT'], torch.get_num_threads())"
     )
-    clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("OMP_", "GOMP_"))}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=clean)
-    assert result.stdout.split()[-2:] == [threads.SPIN, str(threads.usable_cores())]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("OMP_", "GOMP_", "GRPO_"))}
+    env |= {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "7"}  # the launcher's, not the user's
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert "torch loaded before: False" in result.stdout
+    assert result.stdout.split()[-2:] == [threads.SPIN, str(threads.share(threads.usable_cores(), 2))]
 
 
 STAT = """cpu  100 0 50 800 0 0 0 0 0 0
@@ -81,3 +90,19 @@ def test_threads_follow_the_cores_other_processes_hold(monkeypatch):
         assert not threads.Adaptive(every=0.0, most=2).on  # the user's own count is kept
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_hook_looks_at_each_forward_through_peft_and_generate(monkeypatch):
+    """The load puts Adaptive on the base model as a forward pre-hook: it runs in the thread that runs torch, at
+    every forward a PEFT model and generate make."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.fakes import tiny_llama
+
+    looks = []
+    monkeypatch.setattr(threads.Adaptive, "__call__", lambda self, *a, **kw: looks.append(1))
+    model = tiny_llama().eval()
+    model.register_forward_pre_hook(threads.Adaptive())
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    model.generate(input_ids=torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert len(looks) == 4  # the prompt, then each new token after the first
