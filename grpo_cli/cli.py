@@ -141,7 +141,7 @@ def check_rewards(settings) -> None:
     from grpo_cli.plan import resolve
 
     print(resolve(settings).line())
-    rows, unparsed, prompts, g = reward_check(settings)
+    rows, unparsed, prompts, g, code = reward_check(settings)
     table = Table(title=f"Rewards on {prompts} prompts x {g} base-model completions")
     for column in ("reward", "mean", "std", "groups with no spread"):
         table.add_column(column, justify="left" if column == "reward" else "right")
@@ -149,7 +149,13 @@ def check_rewards(settings) -> None:
         table.add_row(row["reward"], f"{row['mean']:.3f}", f"{row['std']:.3f}", f"{row['zero_spread_groups']:.0%}")
     console = Console()
     console.print(table)
-    console.print(f"completions without an <answer> tag (parse failures): {unparsed:.0%}")
+    if code:
+        console.print(
+            f"completions without a ```python block: {code['no_code_block']} of {code['completions']}; "
+            f"programs past the sandbox's time limit: {code['timed_out']}"
+        )
+    else:
+        console.print(f"completions without an <answer> tag (parse failures): {unparsed:.0%}")
     if all(row["zero_spread_groups"] == 1 for row in rows):
         console.print(
             "[yellow]warning[/]: every reward is constant within every group: GRPO has no signal to learn from. "
@@ -289,7 +295,7 @@ def evaluate(
 
     from grpo_cli.adapter import find_adapter
     from grpo_cli.config import DataSettings
-    from grpo_cli.data import load_examples
+    from grpo_cli.data import code_columns, load_examples
     from grpo_cli.evaluate import COLUMNS, check_output_dir, flipped
     from grpo_cli.evaluate import evaluate as run
     from grpo_cli.generate import Pair, Sampling
@@ -307,10 +313,10 @@ def evaluate(
         system_prompt=manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
         limit=limit,
     )
-    load_examples(data)
+    code = bool(code_columns(load_examples(data)[0]))
     pair = Pair(model, lora)
     print(pair.plan.line())
-    rewards = reward or manifest.get("rewards") or ["numeric_correctness"]
+    rewards = reward or manifest.get("rewards") or (["code_tests"] if code else ["numeric_correctness"])
     length = max_tokens or trained.get("train", {}).get("max_completion_length", 256)
     sampling = Sampling(temperature=temperature, max_tokens=length, seed=seed, greedy=not sample)
     summaries, base, tuned = run(pair, data, sampling, rewards, output_dir, overwrite)
@@ -327,7 +333,8 @@ def evaluate(
         if tuned:
             diff = values[1] - values[0]
             cells.append(f"{diff:+.1%}" if key in ("accuracy", "format_rate") else f"{diff:+.3f}")
-        table.add_row(key, *cells)
+        names = {"accuracy": "pass@1 (every test passes)", "format_rate": "has a ```python block"} if code else {}
+        table.add_row(names.get(key, key), *cells)
     console = Console()
     console.print(table)
     if tuned:

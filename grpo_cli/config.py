@@ -79,6 +79,7 @@ class DataSettings:
     eval_split: str | None = None  # none: its test split when it has one, else a slice held out from training
     reward_timeout: float | None = 60.0  # seconds a reward call may take; none: no limit
     reward_nan: str = "error"  # or "skip": a NaN/inf reward leaves that sample out of that reward
+    sandbox: str = "namespaces"  # how code rewards run model code; "rlimits": resource limits only (weaker, announced)
 
 
 @dataclass
@@ -344,6 +345,8 @@ def validate(s: Settings) -> None:
         )
     if d.reward_nan not in ("error", "skip"):
         raise GrpoError(f"reward_nan must be error or skip, got {d.reward_nan!r}")
+    if d.sandbox not in ("namespaces", "rlimits"):
+        raise GrpoError(f"sandbox must be namespaces or rlimits (resource limits only, weaker), got {d.sandbox!r}")
     if d.reward_timeout is not None and d.reward_timeout <= 0:
         raise GrpoError(
             f"reward_timeout must be a positive number of seconds, got {d.reward_timeout}: the default is 60"

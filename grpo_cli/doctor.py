@@ -93,6 +93,13 @@ def gpu_stack(versions: dict, cuda: bool) -> list[str]:
     return problems
 
 
+def code_sandbox():
+    """How model-written code would run here (grpo_cli/sandbox.py): bubblewrap's namespaces, or what is missing."""
+    from grpo_cli import sandbox
+
+    return sandbox.resolve()
+
+
 def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """Returns (facts, problems that stop `train`, warnings)."""
     facts = [("python", platform.python_version())]
@@ -100,6 +107,10 @@ def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
     versions = {name: version(name) for name in PACKAGES}
     for name in PACKAGES:
         facts.append((name, versions[name] or "not installed"))
+    sandbox = code_sandbox()
+    facts.append(("code sandbox", sandbox.line()))
+    if sandbox.problem:  # only the code rewards need it
+        warnings.append(f"the code rewards (code_tests, code_io) cannot run: {sandbox.problem}")
 
     if versions["torch"] is None:
         problems.append("torch is not installed: run `make install`")

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from grpo_cli.adapter import occupied, publish, write_json
 from grpo_cli.config import DataSettings, Settings
+from grpo_cli.data import code_columns
 from grpo_cli.errors import GrpoError
 from rewards import resolve
+from rewards.code import code_block, code_io_reward, code_tests_reward
 from rewards.format import FINAL_ANSWER
 from rewards.numeric import same_number
 from rewards.reference import extract_xml_answer
@@ -17,7 +19,8 @@ COLUMNS = ["accuracy", "format_rate", "mean_length"]
 
 
 def score(completions: list[str], examples: list[dict], rewards: list[str], tokenizer=None) -> list[dict]:
-    """Per prompt: correct (numeric equivalence), formatted (ends with <answer>N</answer>), each reward, length.
+    """Per prompt: correct (numeric equivalence; for code rows, every test passes: pass@1 with one greedy sample),
+    formatted (ends with <answer>N</answer>; for code, holds a ```python block), each reward, length.
 
     >>> example = {"prompt": [{"role": "user", "content": "2 + 3?"}], "answer": "5"}
     >>> rows = score(["<answer>5</answer>", "five"], [example] * 2, ["answer_tag"])
@@ -27,10 +30,17 @@ def score(completions: list[str], examples: list[dict], rewards: list[str], toke
     messages = [[{"role": "assistant", "content": c}] for c in completions]
     prompts = [e["prompt"] for e in examples]
     answers = [e["answer"] for e in examples]
+    code = code_columns(examples[0])  # the rows' tests, for the code rewards
+    columns = {k: [e.get(k) for e in examples] for k in code}
     per_reward = {}
     for spec in rewards:
         func, _ = resolve(spec)
-        per_reward[spec.split(":")[0]] = func(prompts=prompts, completions=messages, answer=answers)
+        per_reward[spec.split(":")[0]] = func(prompts=prompts, completions=messages, answer=answers, **columns)
+    if code:
+        tests = code_tests_reward if {"test", "test_list"} & set(code) else code_io_reward
+        correct = [value == 1.0 for value in tests(prompts, messages, **columns)]
+    else:
+        correct = ["<answer>" in t and same_number(extract_xml_answer(t), a) for t, a in zip(completions, answers)]
     rows = []
     for i, (text, answer) in enumerate(zip(completions, answers)):
         rows.append(
@@ -38,8 +48,8 @@ def score(completions: list[str], examples: list[dict], rewards: list[str], toke
                 "question": prompts[i][-1]["content"],
                 "answer": answer,
                 "completion": text,
-                "correct": "<answer>" in text and same_number(extract_xml_answer(text), answer),
-                "formatted": bool(FINAL_ANSWER.search(text)),
+                "correct": correct[i],
+                "formatted": code_block(text) is not None if code else bool(FINAL_ANSWER.search(text)),
                 "length": len(tokenizer(text, add_special_tokens=False)["input_ids"])
                 if tokenizer
                 else len(text.split()),
@@ -111,9 +121,10 @@ def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir:
     return summaries, base, tuned
 
 
-def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], float, int, int]:
+def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], float, int, int, dict]:
     """Sample the base model as training would; per reward: mean, std, share of groups with no spread.
-    Also returns the share of completions without an <answer> tag, the prompt count and the group size."""
+    Also returns the share of completions without an <answer> tag, the prompt count, the group size and, for code
+    data, how many completions had no ```python block and how many programs ran past the time limit."""
     import statistics
 
     from grpo_cli.data import load_examples
@@ -134,10 +145,15 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
     )
     completions = [[{"role": "assistant", "content": c}] for c in pair.base(texts, sampling)]
     repeated = [e for e in examples for _ in range(g)]
+    columns = {k: [e.get(k) for e in repeated] for k in code_columns(examples[0])}
+    timed_out = sum(f.counts["timed_out"] for f in (code_tests_reward, code_io_reward))
     rows = []
     for spec, func in funcs.items():
         values = func(
-            prompts=[e["prompt"] for e in repeated], completions=completions, answer=[e["answer"] for e in repeated]
+            prompts=[e["prompt"] for e in repeated],
+            completions=completions,
+            answer=[e["answer"] for e in repeated],
+            **columns,
         )
         groups = [values[i : i + g] for i in range(0, len(values), g)]
         rows.append({
@@ -147,4 +163,11 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
             "zero_spread_groups": sum(len(set(group)) == 1 for group in groups) / len(groups),
         })  # fmt: skip
     unparsed = sum("<answer>" not in c[0]["content"] for c in completions) / len(completions)
-    return rows, unparsed, len(examples), g
+    code = {}
+    if columns:
+        code = {
+            "no_code_block": sum(code_block(c[0]["content"]) is None for c in completions),
+            "timed_out": sum(f.counts["timed_out"] for f in (code_tests_reward, code_io_reward)) - timed_out,
+            "completions": len(completions),
+        }
+    return rows, unparsed, len(examples), g, code

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from grpo_cli.config import ModelSettings, Settings
 from grpo_cli.dist import STRATEGIES, UNSLOTH_STRATEGIES
 
+CODE_REWARDS = {"code_tests", "code_io"}  # the rewards that run model code
+
 
 @dataclass(frozen=True)
 class Machine:
@@ -60,6 +62,7 @@ class Plan:
     why: tuple[str, ...] = ()  # the reasons behind the choices that are not the plain default
     algorithm: tuple[tuple[str, object], ...] = field(default=())  # GRPOConfig fields set alike on every trainer
     problem: str | None = None  # why these settings cannot train here, said in one line before anything loads
+    sandbox: str | None = None  # where rewards run model code (grpo_cli/sandbox.py): the mechanism, or none
 
     @property
     def cuda(self) -> bool:
@@ -104,6 +107,7 @@ class Plan:
             "CPU speed paths on" if self.cpu_paths else None,
             f"{self.processes} processes, {STRATEGIES[self.strategy]}" if self.processes > 1 else None,
         ]
+        parts.append(f"sandbox: {self.sandbox}" if self.sandbox else None)
         line = "Plan: " + " | ".join(p for p in parts if p)
         return line + (f" ({'; '.join(self.why)})" if self.why else "")
 
@@ -186,6 +190,12 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
             f"--eval-steps: evaluation during training runs alone or under DDP, not under {strategy}: "
             "drop --eval-steps and score the adapter afterwards with grpo eval"
         )
+    box = None
+    if CODE_REWARDS & {spec.split(":")[0] for spec in settings.data.rewards}:  # they run model code
+        from grpo_cli import sandbox
+
+        box = sandbox.use(settings.data.sandbox)
+        problem = problem or (f"the code rewards cannot run model code here: {box.problem}" if box.problem else None)
     if s.vllm_standby and generator == "vllm":
         why.append(
             "standby: Unsloth sizes vLLM's memory share" if s.gpu_memory_utilization is None
@@ -206,6 +216,7 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
         why=tuple(why),
         algorithm=algorithm(settings),
         problem=problem,
+        sandbox=box.line() if box and not box.problem else None,
     )
 
 

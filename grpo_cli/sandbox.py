@@ -1,25 +1,28 @@
 """Run model-written Python in a sandbox that nothing escapes: bubblewrap namespaces plus resource limits.
 
-Each program runs in a child of ``bwrap`` (https://github.com/containers/bubblewrap, the sandbox of Flatpak):
+Each program runs in a child of ``bwrap`` (https://github.com/containers/bubblewrap, the sandbox of Flatpak), as
+this user, or as ``nobody`` when the trainer runs as root (the kernel exempts root's uid from the process limit,
+even in a user namespace without capabilities), with:
 
 - namespaces of its own: user (no capabilities, uid 65534 inside, no further user namespaces), PID (nothing it
   starts outlives the call: when its first process ends the kernel kills the rest), network (a loopback that is
   down: no connection anywhere, not even to 127.0.0.1 or an abstract socket of the host), mount, IPC, UTS, cgroup;
 - a new session, so it cannot signal the trainer's process group nor push keys into its terminal;
-- a file system of its own: ``/usr`` (and ``/bin``, ``/lib``...), the Python installation the trainer runs on, a
-  fresh ``/proc`` and a minimal ``/dev``, all read-only, and two small private tmpfs folders, ``/tmp`` (its working
-  folder and ``HOME``) and ``/dev/shm``, the only places it can write. The home folders, ``/root``, ``/etc``, the
+- a file system of its own: ``/usr`` (and ``/bin``, ``/lib``...), the Python installation it runs on (the
+  trainer's own, or the system's where nobody cannot reach that one), ``/etc/ld.so.cache``, a fresh ``/proc`` and
+  a minimal ``/dev``, all read-only, and two small private tmpfs folders, ``/tmp`` (its working folder and
+  ``HOME``) and ``/dev/shm``, the only places it can write. The home folders, ``/root``, the rest of ``/etc``, the
   project, the data, ``/var``, ``/run``, ``/sys`` and the GPUs are not there at all;
 - an empty environment (PATH, HOME, TMPDIR and LANG only: no tokens, no ``HF_*`` or ``WANDB_*``);
 - limits, set inside the sandbox before the program runs: wall time (the whole namespace is killed), CPU time,
-  address space per process, processes, file size (which also caps each captured stream: stdout and stderr are
-  files), open files, no core dumps.
+  address space per process, processes and threads, file size (which also caps each captured stream: stdout and
+  stderr are files), open files, no core dumps.
 
 What it does not isolate: the kernel itself (a kernel exploit escapes any namespace), CPU side channels and the
-sharing of CPU time and memory bandwidth, world-readable facts in ``/proc`` (``cpuinfo``, ``meminfo``, the load,
-the kernel's version and command line), the Python installation's own files (its site-packages included), and
-memory summed over processes (the limit is per process: ``processes x memory_bytes`` at worst; no cgroup is used).
-Run as root, the sandbox's uid maps to root outside with no capabilities; it sees only the read-only folders above.
+sharing of CPU time, caches and memory bandwidth, world-readable facts in ``/proc`` (``cpuinfo``, ``meminfo``,
+the load, the kernel's version and command line), the read-only files of ``/usr`` and of the Python installation
+(its site-packages included), and memory summed over processes: the limit is per process, so
+``processes x memory_bytes`` at worst (no cgroup is used).
 
 A harness inside the sandbox (``RUNNER``) runs the program and, for HumanEval-style tests, prints a random nonce
 only after ``check(<entry_point>)`` has returned; the nonce is never in the program's source, arguments,
@@ -27,18 +30,22 @@ environment, input or files. An early ``sys.exit(0)``, ``os._exit(0)`` or an exi
 A program that reads the harness's own memory (frames, ``gc``, ctypes) could still find it: the harness stops
 exits that skip the tests, not attacks on itself.
 
-Where the kernel allows no user namespaces (or bwrap is missing), ``resolve()`` gives a ``problem`` naming what is
-missing, and running model code refuses with it, unless ``mode="rlimits"`` is asked for: then the program runs as
-this user with the resource limits, an empty environment and a private working folder only, and says so.
+Where bwrap is missing or the kernel allows no user namespaces, ``resolve()`` gives a ``problem`` naming what is
+missing, and running model code refuses with it, unless ``mode="rlimits"`` is asked for: then the program runs
+with the resource limits, an empty environment and a private working folder only, and says so. ``resolve()``
+tries the sandbox once before any model code runs, and refuses it too if the process limit does not hold there.
 """
 
 import concurrent.futures
 import dataclasses
 import json
+import marshal
 import os
+import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -108,10 +115,10 @@ class Result:
 # The harness, run by the sandbox's Python: it reads the task from an inherited file descriptor (closed before any
 # model code runs), sets the limits, runs the program, and reports with the nonce only when the tests completed.
 RUNNER = r"""
-import builtins, json, os, resource, sys
+import builtins, marshal, os, resource, sys
 def main(task_fd, ready_fd):
     with os.fdopen(task_fd, "rb") as f:
-        task = json.loads(f.read())
+        task = marshal.loads(f.read())
     for name, value in task.pop("limits").items():
         resource.setrlimit(getattr(resource, name), (value, value))
     builtins.exit = builtins.quit = sys.exit  # what site would give, without its start-up time
@@ -144,15 +151,57 @@ main(int(sys.argv[1]), int(sys.argv[2]))
 """
 
 
-def _interpreter() -> tuple[str, list[str]]:
-    """The Python the trainer runs on (a virtual environment's base, not the environment) and the folders it needs."""
-    exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+def _nobody() -> tuple[int, int] | None:
+    """Run as root, the sandbox runs as nobody: the kernel does not apply the process limit to root's uid, even
+    inside a user namespace without capabilities. Root inside a user namespace (a container's) that maps it to
+    another uid needs no switch."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        ranges = [line.split() for line in Path("/proc/self/uid_map").read_text().splitlines()]
+    except OSError:
+        ranges = [["0", "0", "1"]]
+    if not any(inside == "0" and outside == "0" for inside, outside, _ in ranges):
+        return None
+    try:
+        entry = pwd.getpwnam("nobody")
+        return entry.pw_uid, entry.pw_gid
+    except KeyError:
+        return SANDBOX_UID, SANDBOX_UID
+
+
+def _roots(exe: str, prefixes: list[str]) -> list[str]:
+    """The folders an interpreter needs that ``/usr`` does not already hold."""
     roots = []
-    for folder in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.dirname(exe))):
+    for folder in [*prefixes, os.path.dirname(os.path.dirname(exe))]:
         folder = os.path.realpath(folder)
         if not any(folder == r or folder.startswith(r + "/") for r in ["/usr", *roots]):
             roots.append(folder)
-    return exe, roots
+    return roots
+
+
+def _open_to_others(path: str) -> bool:
+    """Whether any user may reach ``path``: every folder above it searchable by others."""
+    parts = Path(path).parts
+    try:
+        return all(os.stat(Path(*parts[:i])).st_mode & stat.S_IXOTH for i in range(1, len(parts) + 1))
+    except OSError:
+        return False
+
+
+def _interpreter(others: bool) -> tuple[str, list[str]] | None:
+    """The Python the trainer runs on (a virtual environment's base) and the folders it needs; when the sandbox runs
+    as another user (``others``) and cannot reach it (pyenv under /root), the system's Python; else None."""
+    exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    candidates = [(exe, _roots(exe, [sys.base_prefix, sys.base_exec_prefix]))]
+    for path in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(path):
+            system = os.path.realpath(path)
+            candidates.append((system, _roots(system, [])))
+    for exe, roots in candidates:
+        if not others or all(_open_to_others(p) for p in [exe, *roots]):
+            return exe, roots
+    return None
 
 
 def bwrap_command(python: str, roots: list[str], limits: Limits) -> list[str]:
@@ -206,21 +255,24 @@ class Sandbox:
 
     mode: str
     python: str
-    prefix: tuple[str, ...]  # the command before the interpreter (bwrap's arguments); empty under rlimits
+    prefix: tuple[str, ...]  # the command before the interpreter: setpriv (as root), then bwrap and its arguments
     limits: Limits
     problem: str | None = None
     workers: int = 1
+    identity: tuple[int, int] | None = None  # (uid, gid) to run as: nobody when the trainer is root
 
     def line(self) -> str:
         if self.problem:
             return f"none: {self.problem}"
         if self.mode == "rlimits":
+            who = "nobody" if self.identity else "this user"
             return (
-                "rlimits only, as asked: model code runs as this user with resource limits, an empty environment "
-                "and a private working folder, and sees the file system, the network and this user's processes"
+                f"rlimits only, as asked: model code runs as {who} with resource limits, an empty environment "
+                f"and a private working folder, and sees the file system, the network and {who}'s processes"
             )
         return (
-            f"bubblewrap namespaces (user, pid, net, mount, ipc), read-only system, private /tmp; "
+            f"bubblewrap namespaces (user, pid, net, mount, ipc){' as nobody' if self.identity else ''}, "
+            "read-only system, private /tmp; "
             f"{self.limits.wall_seconds:g}s, {self.limits.memory_bytes >> 20} MiB, {self.limits.processes} processes; "
             f"{self.workers} at a time"
         )
@@ -242,6 +294,8 @@ class Sandbox:
             "asserts": list(program.asserts),
         }
         work = tempfile.mkdtemp(prefix="grpo-sandbox-") if self.mode == "rlimits" else None
+        if work and self.identity:
+            os.chown(work, *self.identity)
         task_fd = os.memfd_create("grpo-task")
         ready_r, ready_w = os.pipe()
         try:
@@ -252,7 +306,7 @@ class Sandbox:
             ):
                 stdin.write(program.stdin.encode())
                 stdin.seek(0)
-                os.write(task_fd, json.dumps(task).encode())
+                os.write(task_fd, marshal.dumps(task, 4))  # marshal: no import to pay for in the sandbox
                 os.lseek(task_fd, 0, os.SEEK_SET)
                 started = time.monotonic()
                 returncode = self._spawn(task_fd, ready_w, stdin, stdout, stderr, work)
@@ -303,6 +357,7 @@ class Sandbox:
                 cwd=work,
                 env=_environment(work) if work else {},
                 start_new_session=True,
+                **self._switch_user(),
             )
         finally:
             if info_w is not None:
@@ -316,6 +371,13 @@ class Sandbox:
         finally:
             if init is not None:
                 os.close(init)
+
+    def _switch_user(self) -> dict:
+        """Popen's own switch of user, where no setpriv in the prefix does it: Python then forks the whole trainer
+        (no vfork once the user changes), which costs a trainer with gigabytes of memory a tenth of a second."""
+        if not self.identity or (self.prefix and os.path.basename(self.prefix[0]) == "setpriv"):
+            return {}
+        return {"user": self.identity[0], "group": self.identity[1], "extra_groups": []}
 
     @classmethod
     def unavailable(cls, problem: str, limits: Limits) -> "Sandbox":
@@ -371,30 +433,68 @@ def workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# The probe: the interpreter runs, and the process limit holds (forks past it fail), before any model code runs
+PROBE = """
+import os, signal
+children = []
+for _ in range({tries}):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(6 * 7, len(children))
+"""
+
+
 def resolve(mode: str = "namespaces", limits: Limits | None = None) -> Sandbox:
-    """The sandbox this machine gives: bubblewrap's namespaces, tried once with a trivial program, or, when asked
-    for, resource limits only. Under ``namespaces`` without a working bwrap, ``problem`` names what is missing."""
+    """The sandbox this machine gives: bubblewrap's namespaces, or, when asked for, resource limits only; tried
+    once with a probe. Without a working one, ``problem`` names what is missing."""
     limits = limits or Limits()
     if mode not in MODES:
         raise GrpoError(f"sandbox {mode!r} is not a sandbox mode: use {' or '.join(MODES)}")
-    python, roots = _interpreter()
-    if mode == "rlimits":
-        return Sandbox("rlimits", python, (), limits, workers=workers())
-    bwrap = shutil.which("bwrap")
     fallback = "or set sandbox: rlimits in the recipe to run model code with resource limits only"
-    if bwrap is None:
+    identity = _nobody()
+    found = _interpreter(others=identity is not None)
+    if found is None:
+        return Sandbox.unavailable(
+            f"the sandbox runs as nobody under root, and nobody cannot reach this Python ({sys.base_prefix}): "
+            "install the system's python3, or train as a normal user",
+            limits,
+        )
+    python, roots = found
+    setpriv = shutil.which("setpriv") if identity else None
+    drop = (setpriv, f"--reuid={identity[0]}", f"--regid={identity[1]}", "--clear-groups", "--") if setpriv else ()
+    if mode == "rlimits":
+        sandbox = Sandbox("rlimits", python, drop, limits, workers=workers(), identity=identity)
+    elif (bwrap := shutil.which("bwrap")) is None:
         return Sandbox.unavailable(f"bubblewrap (bwrap) is not installed: {INSTALL}, {fallback}", limits)
-    sandbox = Sandbox("namespaces", python, tuple([bwrap, *bwrap_command(python, roots, limits)[1:]]), limits,
-                      workers=workers())  # fmt: skip
+    else:
+        prefix = (*drop, bwrap, *bwrap_command(python, roots, limits)[1:])
+        sandbox = Sandbox("namespaces", python, prefix, limits, workers=workers(), identity=identity)
     try:
-        probe = sandbox.run(Program("print(6 * 7)"))
+        probe = sandbox.run(Program(PROBE.format(tries=limits.processes + 8)))
     except (OSError, SandboxError) as exc:
         said = str(exc)
         why = _missing_namespaces() if "namespace" in said or "uid map" in said else "it fails"
         return Sandbox.unavailable(f"bwrap cannot make the sandbox here: {why} ({said}); {fallback}", limits)
-    if probe.stdout.strip() != "42":
-        return Sandbox.unavailable(f"the sandbox's Python does not run ({probe.stderr.strip()[-160:]}); {fallback}",
-                                   limits)  # fmt: skip
+    answer, _, forked = probe.stdout.strip().partition(" ")
+    if answer != "42":
+        return Sandbox.unavailable(
+            f"the sandbox's Python does not run ({probe.stderr.strip()[-160:]}); {fallback}", limits
+        )
+    if int(forked) >= limits.processes:
+        return Sandbox.unavailable(
+            f"the process limit does not hold in the sandbox ({forked} processes started, limit "
+            f"{limits.processes}): a fork bomb would fill the machine",
+            limits,
+        )
     return sandbox
 
 

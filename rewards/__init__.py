@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from grpo_cli.errors import GrpoError
+from rewards.code import code_block_reward, code_io_reward, code_tests_reward
 from rewards.format import answer_tag_reward, numbers_used_reward
 from rewards.numeric import numeric_correctness_reward
 from rewards.reference import (
@@ -30,6 +31,9 @@ REWARDS = {
     "numeric_correctness": numeric_correctness_reward,
     "answer_tag": answer_tag_reward,
     "numbers_used": numbers_used_reward,
+    "code_tests": code_tests_reward,
+    "code_io": code_io_reward,
+    "code_block": code_block_reward,
 }
 
 REFERENCE_REWARDS = ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]

@@ -358,3 +358,21 @@ def test_collecting_the_tests_imports_no_unsloth():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-2000:]
+
+
+def test_code_rewards_put_the_sandbox_in_the_plan_or_refuse_to_train(monkeypatch):
+    """The rewards that run model code decide the sandbox with the plan: its mechanism in the plan line, or, where
+    there is none, the one line that stops the run before any model loads."""
+    from grpo_cli import sandbox
+
+    code = Settings(data=DataSettings(rewards=["code_block", "code_tests"]))
+    missing = sandbox.Sandbox.unavailable("bubblewrap (bwrap) is not installed", sandbox.Limits())
+    monkeypatch.setattr(sandbox, "use", lambda mode="namespaces", limits=None: missing)
+    plan = resolve(code, CPU_AVX2)
+    assert plan.problem == "the code rewards cannot run model code here: bubblewrap (bwrap) is not installed"
+    assert plan.sandbox is None
+    works = sandbox.Sandbox("namespaces", sys.executable, ("bwrap",), sandbox.Limits(), workers=2)
+    monkeypatch.setattr(sandbox, "use", lambda mode="namespaces", limits=None: works)
+    plan = resolve(code, CPU_AVX2)
+    assert plan.problem is None and plan.line().endswith(f"| sandbox: {works.line()} (fp32: this CPU has no native bf16)")
+    assert resolve(settings(), CPU_AVX2).sandbox is None  # no model code, no sandbox
