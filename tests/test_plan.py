@@ -374,5 +374,7 @@ def test_code_rewards_put_the_sandbox_in_the_plan_or_refuse_to_train(monkeypatch
     works = sandbox.Sandbox("namespaces", sys.executable, ("bwrap",), sandbox.Limits(), workers=2)
     monkeypatch.setattr(sandbox, "use", lambda mode="namespaces", limits=None: works)
     plan = resolve(code, CPU_AVX2)
-    assert plan.problem is None and plan.line().endswith(f"| sandbox: {works.line()} (fp32: this CPU has no native bf16)")
+    assert plan.problem is None and plan.line().endswith(
+        f"| sandbox: {works.line()} (fp32: this CPU has no native bf16)"
+    )
     assert resolve(settings(), CPU_AVX2).sandbox is None  # no model code, no sandbox
