@@ -15,6 +15,12 @@ app = typer.Typer(help="Teach a language model to reason with GRPO.", no_args_is
 _state = {"debug": False}
 
 REWARD_HELP = f"NAME[:WEIGHT], repeatable: {', '.join(REWARDS)}, or package.module:function / file.py:function"
+TOOL_HELP = (
+    "A tool the model may call, repeatable: calculator, python (sandboxed), file.py:function or module:function."
+)
+ENVIRONMENT_HELP = (
+    "A class whose instance each rollout gets: reset(**row), its public methods as tools (file.py:Class)."
+)
 
 
 @app.callback()
@@ -45,6 +51,14 @@ def train(
     answer_field: Annotated[str | None, typer.Option(help="Answer column of a data file.")] = None,
     system_prompt: Annotated[str | None, typer.Option(help="System prompt text, or @path/to/file.")] = None,
     reward: Annotated[list[str] | None, typer.Option(help=REWARD_HELP)] = None,
+    tool: Annotated[list[str] | None, typer.Option(help=TOOL_HELP)] = None,
+    environment: Annotated[str | None, typer.Option(help=ENVIRONMENT_HELP)] = None,
+    max_tool_calling_iterations: Annotated[
+        int | None, typer.Option(help="Tool rounds a completion may take (3).")
+    ] = None,
+    tool_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a tool call may take before it is stopped (10).")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
     num_generations: Annotated[int | None, typer.Option(help="Completions per prompt (the group).")] = None,
     batch_size: Annotated[
@@ -103,6 +117,8 @@ def train(
         model=model, dataset=dataset, dataset_config=dataset_config, split=split, question_field=question_field,
         answer_field=answer_field,
         system_prompt=system_prompt, rewards=reward or None, max_steps=max_steps,
+        tools=tool or None, environment=environment, max_tool_calling_iterations=max_tool_calling_iterations,
+        tool_timeout=tool_timeout,
         num_generations=num_generations, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum, learning_rate=learning_rate,
         max_prompt_length=max_prompt_length, max_completion_length=max_completion_length,

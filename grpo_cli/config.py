@@ -80,6 +80,10 @@ class DataSettings:
     reward_timeout: float | None = 60.0  # seconds a reward call may take; none: no limit
     reward_nan: str = "error"  # or "skip": a NaN/inf reward leaves that sample out of that reward
     sandbox: str = "namespaces"  # how code rewards run model code; "rlimits": resource limits only (weaker, announced)
+    tools: list[str] = field(default_factory=list)  # calculator, python, file.py:function or package.module:function
+    environment: str | dict | None = None  # file.py:Class, or {name: file.py:Class} picked by the data's environment
+    max_tool_calling_iterations: int = 3  # tool rounds a completion may take
+    tool_timeout: float | None = 10.0  # seconds a tool call may take before it is stopped and reported as failed
 
 
 @dataclass
@@ -351,6 +355,14 @@ def validate(s: Settings) -> None:
         raise GrpoError(
             f"reward_timeout must be a positive number of seconds, got {d.reward_timeout}: the default is 60"
         )
+    if d.max_tool_calling_iterations is None or d.max_tool_calling_iterations < 1:
+        raise GrpoError(
+            f"max_tool_calling_iterations must be a positive integer, got {d.max_tool_calling_iterations}: try 3"
+        )
+    if d.tool_timeout is not None and d.tool_timeout <= 0:
+        raise GrpoError(f"tool_timeout must be a positive number of seconds, got {d.tool_timeout}: the default is 10")
+    if isinstance(d.environment, dict) and not all(isinstance(v, str) for v in d.environment.values()):
+        raise GrpoError("environment: give each name a file.py:Class or package.module:Class, as {math: env.py:Math}")
     if t.eval_steps is not None and t.eval_steps <= 0:
         raise GrpoError(f"eval_steps must be a positive integer, got {t.eval_steps}: try 10")
     if m.vllm_server is not None and not m.vllm_server.startswith(("http://", "https://")):

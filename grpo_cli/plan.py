@@ -191,11 +191,12 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
             "drop --eval-steps and score the adapter afterwards with grpo eval"
         )
     box = None
-    if CODE_REWARDS & {spec.split(":")[0] for spec in settings.data.rewards}:  # they run model code
+    runs_code = CODE_REWARDS & {spec.split(":")[0] for spec in settings.data.rewards} or "python" in settings.data.tools
+    if runs_code:  # code rewards and the python tool run model code
         from grpo_cli import sandbox
 
         box = sandbox.use(settings.data.sandbox)
-        problem = problem or (f"the code rewards cannot run model code here: {box.problem}" if box.problem else None)
+        problem = problem or (f"model code cannot run here (code rewards, python tool): {box.problem}" if box.problem else None)
     if s.vllm_standby and generator == "vllm":
         why.append(
             "standby: Unsloth sizes vLLM's memory share" if s.gpu_memory_utilization is None

@@ -59,30 +59,31 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-def _load_user_reward(target: str):
+def load_object(target: str, what: str = "reward", kind: str = "function"):
+    """``package.module:NAME`` or ``path/to/file.py:NAME`` -> the object, or one line on what is wrong."""
     where, _, attr = target.rpartition(":")
     if not where or not attr:
-        raise GrpoError(f"reward {target!r} names no {'function' if where else 'module'}: give module:function")
+        raise GrpoError(f"{what} {target!r} names no {kind if where else 'module'}: give module:{kind}")
     path = Path(where).expanduser()
     if where.endswith(".py") or path.is_file():
         if path.is_dir():
-            raise GrpoError(f"reward file {where} is a folder: give path/to/file.py:function")
+            raise GrpoError(f"{what} file {where} is a folder: give path/to/file.py:{kind}")
         if not path.is_file():
-            raise GrpoError(f"reward file {where} does not exist: give an existing path/to/file.py:function")
+            raise GrpoError(f"{what} file {where} does not exist: give an existing path/to/file.py:{kind}")
         if path.suffix != ".py":
-            raise GrpoError(f"reward file {where} is not a .py file: put the reward in a Python file, file.py:function")
+            raise GrpoError(f"{what} file {where} is not a .py file: put the {what} in a Python file, file.py:{kind}")
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)
         except (Exception, SystemExit) as exc:  # a file that calls sys.exit() or exit() on import
-            raise GrpoError(f"reward file {where} failed to import ({_first_line(exc)}): fix it and retry") from exc
+            raise GrpoError(f"{what} file {where} failed to import ({_first_line(exc)}): fix it and retry") from exc
     else:
         try:
             module = importlib.import_module(where)
         except (Exception, SystemExit) as exc:
             raise GrpoError(
-                f"reward module {where} does not import ({_first_line(exc)}): check the name and PYTHONPATH"
+                f"{what} module {where} does not import ({_first_line(exc)}): check the name and PYTHONPATH"
             ) from exc
     if not hasattr(module, attr):
         public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
@@ -91,7 +92,7 @@ def _load_user_reward(target: str):
         raise GrpoError(f"{where} has no {attr!r}: {hint}")
     func = getattr(module, attr)
     if not callable(func):
-        raise GrpoError(f"{target} is not a callable in {where}: name a function defined there")
+        raise GrpoError(f"{target} is not a callable in {where}: name a {kind} defined there")
     return func
 
 
@@ -108,7 +109,7 @@ def resolve(spec: str):
     if target in REWARDS:
         return REWARDS[target], weight
     if ":" in target:
-        return _load_user_reward(target), weight
+        return load_object(target), weight
     close = difflib.get_close_matches(target, REWARDS, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     raise GrpoError(
@@ -134,7 +135,7 @@ def checked(func, timeout: float | None = None, nan: str = "error"):
     @functools.wraps(func)
     def wrapper(prompts, completions, **kwargs):
         try:
-            values = _call(func, timeout, prompts=prompts, completions=completions, **kwargs)
+            values = call_within(func, timeout, prompts=prompts, completions=completions, **kwargs)
         except RewardTimeout as exc:
             raise RewardError(
                 f"reward {name} took longer than {timeout:g}s on {len(completions)} completions: make it faster, "
@@ -172,7 +173,7 @@ class _Expired(BaseException):  # BaseException: a reward's ``except Exception``
     pass
 
 
-def _call(func, timeout: float | None, **kwargs):
+def call_within(func, timeout: float | None, **kwargs):
     """``func(**kwargs)``; past ``timeout`` seconds a timer interrupts it with a signal (SIGUSR1), so that a hung
     reward cannot hold the run. The call stays in the main thread: rewards that use signals themselves (math-verify
     times its parsing with SIGALRM) keep working. Elsewhere than the main thread there is no limit."""
@@ -210,7 +211,7 @@ def _first_failing(func, timeout, prompts, completions, kwargs) -> str:
             break
         one = {k: v[i : i + 1] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
         try:
-            _call(
+            call_within(
                 func,
                 None if left == float("inf") else left,
                 prompts=prompts[i : i + 1],

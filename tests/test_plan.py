@@ -369,7 +369,7 @@ def test_code_rewards_put_the_sandbox_in_the_plan_or_refuse_to_train(monkeypatch
     missing = sandbox.Sandbox.unavailable("bubblewrap (bwrap) is not installed", sandbox.Limits())
     monkeypatch.setattr(sandbox, "use", lambda mode="namespaces", limits=None: missing)
     plan = resolve(code, CPU_AVX2)
-    assert plan.problem == "the code rewards cannot run model code here: bubblewrap (bwrap) is not installed"
+    assert plan.problem == "model code cannot run here (code rewards, python tool): bubblewrap (bwrap) is not installed"
     assert plan.sandbox is None
     works = sandbox.Sandbox("namespaces", sys.executable, ("bwrap",), sandbox.Limits(), workers=2)
     monkeypatch.setattr(sandbox, "use", lambda mode="namespaces", limits=None: works)

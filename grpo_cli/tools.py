@@ -1,0 +1,374 @@
+"""Tools and environments for agentic GRPO: named in flags or a recipe, checked before any model loads, run so that
+none can end a run, and the chat template that carries them.
+
+A tool is a function whose type hints and docstring describe it to the model (transformers' ``get_json_schema``
+reads them, and TRL renders them into the prompt). An environment is a class: TRL makes one instance per rollout,
+calls ``reset(**row)`` before it, offers its public methods as tools, and scores with its ``get_reward`` if it has
+one. The same tool loop runs in training (TRL's ``_tool_call_loop``), and in ``infer``, ``eval``, ``--dry-run``
+and the held-out evaluation (``converse`` in grpo_cli/generate.py), with the same parser and the same tools."""
+
+import ast
+import dataclasses
+import functools
+import inspect
+import operator
+import os
+import pickle
+import select
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from grpo_cli.errors import GrpoError
+
+# --- Built-in tools -----------------------------------------------------------------------------------------------
+
+_OPERATORS = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.USub: operator.neg, ast.UAdd: operator.pos,
+}  # fmt: skip
+
+
+def _number(node):
+    """The value of an arithmetic expression tree: numbers and the operators above, nothing else."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        left, right = _number(node.left), _number(node.right)
+        if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 10**6):
+            raise ValueError("the power is too large: keep exponents at 64 or below")
+        if max(abs(left), abs(right)) > 10**30:
+            raise ValueError("the numbers are too large: keep them below 10**30")
+        return _OPERATORS[type(node.op)](left, right)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
+        return _OPERATORS[type(node.op)](_number(node.operand))
+    raise ValueError(f"only numbers and + - * / // % ** ( ) are allowed, not {ast.unparse(node)!r}")
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression exactly and return its value.
+
+    Args:
+        expression: The arithmetic to evaluate, with numbers, + - * / // % ** and parentheses, as 123 * (45 + 6).
+
+    >>> calculator("123 * (45 + 6)"), calculator("7 / 2"), calculator("2 ** 10")
+    ('6273', '3.5', '1024')
+    """
+    try:
+        tree = ast.parse(str(expression).strip().replace("^", "**").replace("×", "*").replace(",", ""), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"{expression!r} is not an arithmetic expression") from None
+    try:
+        value = _number(tree.body)
+    except ZeroDivisionError:
+        raise ValueError("division by zero") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(round(value, 10) if isinstance(value, float) else value)
+
+
+def python(code: str) -> str:
+    """Run a Python program and return what it prints (standard output, then any error).
+
+    Args:
+        code: A complete Python program; print the values you want to see.
+    """
+    from grpo_cli import sandbox
+
+    result = sandbox.current().run(sandbox.Program(code))
+    if result.timed_out:
+        raise TimeoutError(f"the program ran past {sandbox.current().limits.wall_seconds:g}s and was stopped")
+    out = result.stdout[-2000:]
+    if result.returncode:
+        out += f"\n{result.stderr.strip()[-1000:]}\nexit status {result.returncode}"
+    return out.strip() or "(the program printed nothing)"
+
+
+BUILTIN = {"calculator": calculator, "python": python}
+
+
+# --- Loading and checking, before any model loads -----------------------------------------------------------------
+
+
+def describe(func: Callable, what: str) -> dict:
+    """The JSON schema the model is shown for ``func``, or one line saying what its hints or docstring lack."""
+    from transformers.utils import get_json_schema
+
+    if not callable(func):
+        raise GrpoError(f"{what} is not callable: name a function")
+    try:
+        return get_json_schema(func)
+    except Exception as exc:  # transformers' TypeHintParsingException and DocstringParsingException say what is missing
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GrpoError(
+            f"{what}: {said}: give every argument a type hint, and a Google-style docstring with a line per "
+            "argument under Args:"
+        ) from None
+
+
+def environment_methods(cls) -> list[str]:
+    """The methods TRL offers as tools: public functions on the class, other than reset and get_reward."""
+    return [
+        name
+        for name, _ in inspect.getmembers(cls, predicate=inspect.isfunction)
+        if name not in ("reset", "get_reward") and not name.startswith("_")
+    ]
+
+
+def load_tool(spec: str) -> Callable:
+    """A built-in tool's name, ``package.module:function`` or ``path/to/file.py:function`` -> the checked function."""
+    from rewards import load_object
+
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    if ":" not in spec:
+        raise GrpoError(
+            f"tool {spec!r} is not a built-in tool ({', '.join(BUILTIN)}): give one of those, "
+            "or path/to/file.py:function or package.module:function"
+        )
+    func = load_object(spec, what="tool")
+    if inspect.isclass(func):
+        raise GrpoError(f"tool {spec} is a class: give a function, or pass the class as --environment")
+    describe(func, f"tool {spec}")
+    return func
+
+
+def load_environment(spec: str) -> type:
+    """``path/to/file.py:Class`` or ``package.module:Class`` -> the checked class: it has ``reset``, and each of its
+    public methods describes itself as a tool does."""
+    from rewards import load_object
+
+    cls = load_object(spec, what="environment", kind="Class")
+    if not inspect.isclass(cls):
+        raise GrpoError(f"environment {spec} is not a class: give a class with reset() and its tool methods")
+    if not callable(getattr(cls, "reset", None)):
+        raise GrpoError(f"environment {spec} has no reset(): add `def reset(self, **row)`, called before each rollout")
+    methods = environment_methods(cls)
+    if not methods and not callable(getattr(cls, "get_reward", None)):
+        raise GrpoError(f"environment {spec} offers no tool: add a public method with type hints and a docstring")
+    for name in methods:
+        describe(getattr(cls, name), f"environment {spec}, method {name}")
+    return cls
+
+
+# --- Running: no tool ends a run ----------------------------------------------------------------------------------
+
+
+class ToolTimeout(Exception):
+    """A tool call ran past ``tool_timeout`` and was stopped; the model is told so, and the call counts as failed."""
+
+
+def _exit_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def in_child(func: Callable, timeout: float | None) -> Callable:
+    """``func`` run in a forked child at each call: a tool that hangs is killed at ``timeout`` seconds, and one that
+    exits, crashes or fills memory ends its child, never the run; either way the model reads an error. The tool's
+    printing goes nowhere (it would tear the progress display). The result comes back as TRL would show it: a list
+    of content parts as it is, anything else as text."""
+
+    @functools.wraps(func)
+    def call(**kwargs):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: run, send the outcome, leave at once (no atexit, no finalizers of the parent's)
+            os.close(read)
+            try:
+                import sys
+
+                devnull = open(os.devnull, "w")
+                os.dup2(devnull.fileno(), 1)
+                os.dup2(devnull.fileno(), 2)
+                sys.stdout = sys.stderr = devnull  # fresh streams: another thread may hold the old ones' locks
+                try:
+                    value = func(**kwargs)
+                    outcome = ("ok", value if isinstance(value, list) else str(value))
+                    payload = pickle.dumps(outcome)
+                except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: all are reported
+                    payload = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
+                with os.fdopen(write, "wb") as pipe:
+                    pipe.write(payload)
+            finally:
+                os._exit(0)
+        os.close(write)
+        deadline = None if not timeout else time.monotonic() + timeout
+        chunks = []
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise ToolTimeout(f"the tool ran past {timeout:g}s and was stopped")
+                ready, _, _ = select.select([read], [], [], left)
+                if ready:
+                    chunk = os.read(read, 1 << 16)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+        finally:
+            os.close(read)
+        _, status = os.waitpid(pid, 0)
+        if not chunks:
+            raise RuntimeError(f"the tool {_exit_status(status)} before returning")
+        kind, value = pickle.loads(b"".join(chunks))
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
+
+    return call
+
+
+def in_process(func: Callable, timeout: float | None) -> Callable:
+    """``func`` called in this process (an environment's method changes its instance), stopped by a signal at
+    ``timeout`` seconds; SystemExit from it becomes an error, as any other exception does."""
+    from rewards import RewardTimeout, call_within
+
+    @functools.wraps(func)
+    def call(*args, **kwargs):
+        try:
+            return call_within(lambda: func(*args, **kwargs), timeout)
+        except RewardTimeout:
+            raise ToolTimeout(f"the tool ran past {timeout:g}s and was stopped") from None
+        except SystemExit as exc:
+            raise RuntimeError(f"the tool called exit({exc.code})") from None
+
+    return call
+
+
+def guarded_environment(cls: type, timeout: float | None) -> type:
+    """A subclass of ``cls`` whose tool methods stop at ``timeout`` seconds. Its name and methods are the
+    user's own, so TRL names the reward and renders the tools as it would for ``cls``."""
+    methods = {name: in_process(getattr(cls, name), timeout) for name in environment_methods(cls)}
+    return type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+# --- The tools of a run -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Toolset:
+    """The tools a run offers, guarded, and its environments: ``environments`` maps the data's ``environment``
+    column to a class (one key, None, when a single class serves every row)."""
+
+    names: list[str]
+    tools: list[Callable]
+    environments: dict | None
+    max_iterations: int
+    timeout: float | None
+    template: str = ""  # which chat template and parser carry the tools, said once loaded
+
+    @property
+    def environment_factory(self):
+        """As TRL's ``environment_factory`` takes it: a class, or a mapping of names to classes."""
+        if self.environments is None:
+            return None
+        return self.environments[None] if list(self.environments) == [None] else self.environments
+
+    def for_row(self, row: dict) -> tuple[dict[str, Callable], object | None, str | None]:
+        """The tools one rollout may call, by name, with its environment made and reset as TRL does; also that
+        environment (for its get_reward) and what reset returned (added to the last user message)."""
+        tools = {tool.__name__: tool for tool in self.tools}
+        if not self.environments:
+            return tools, None, None
+        key = row.get("environment") if None not in self.environments else None
+        if key not in self.environments:
+            raise GrpoError(f"a row names environment {key!r}: the recipe's environments are {list(self.environments)}")
+        environment = self.environments[key]()
+        arguments = {k: v for k, v in row.items() if k != "environment"} if key is not None else row
+        observation = environment.reset(**arguments)
+        tools |= {name: getattr(environment, name) for name in environment_methods(type(environment))}
+        return tools, environment, observation
+
+    def schemas(self, row: dict | None = None) -> list[Callable]:
+        """The callables whose schemas the prompt shows (for a row, its environment's methods too)."""
+        tools = list(self.tools)
+        for key, cls in (self.environments or {}).items():
+            if row is None or key is None or row.get("environment") == key:
+                tools += [getattr(cls, name) for name in environment_methods(cls)]
+        return tools
+
+    def describe(self) -> dict:
+        """What grpo.json and the model card keep, for ``infer --lora`` to offer the same tools again."""
+        return {"tools": self.names, "max_tool_calling_iterations": self.max_iterations, "tool_timeout": self.timeout}
+
+
+def resolve(data) -> Toolset | None:
+    """The run's tools and environments from its data settings, each checked; None when it has none."""
+    if not data.tools and not data.environment:
+        return None
+    tools = [load_tool(spec) for spec in data.tools]
+    names = [getattr(tool, "__name__", "") for tool in tools]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise GrpoError(f"two tools are named {repeated[0]!r}: the model calls tools by name, so rename one")
+    guarded = [tool if tool in BUILTIN.values() else in_child(tool, data.tool_timeout) for tool in tools]
+    environments = None
+    if isinstance(data.environment, str):
+        environments = {None: guarded_environment(load_environment(data.environment), data.tool_timeout)}
+    elif isinstance(data.environment, dict):
+        environments = {
+            str(key): guarded_environment(load_environment(str(spec)), data.tool_timeout)
+            for key, spec in data.environment.items()
+        }
+    listed = list(data.tools) + ([data.environment] if isinstance(data.environment, str) else [])
+    listed += [f"{k}={v}" for k, v in data.environment.items()] if isinstance(data.environment, dict) else []
+    return Toolset(listed, guarded, environments, data.max_tool_calling_iterations, data.tool_timeout)
+
+
+# --- The chat template that carries them ----------------------------------------------------------------------------
+
+# Templates TRL knows how to parse tool calls from (trl/chat_template_utils.py, add_response_schema), by file
+KNOWN_TEMPLATES = {
+    "llama3_1.jinja": "Llama 3.1", "llama3_2.jinja": "Llama 3.2", "qwen2_5.jinja": "Qwen2.5", "qwen3.jinja": "Qwen3",
+    "qwen3_instruct_2507.jinja": "Qwen3 Instruct 2507", "qwen3_5_nothink.jinja": "Qwen3.5", "qwen3_6.jinja": "Qwen3.6",
+    "qwen3_5_think.jinja": "Qwen3.5 thinking", "qwen3_8.jinja": "Qwen3.8", "gptoss.jinja": "gpt-oss",
+    "glm4moe.jinja": "GLM-4.5", "deepseek_r1_distill.jinja": "DeepSeek-R1 distill",
+}  # fmt: skip
+CHATML_STAND_IN = "qwen2_5.jinja"  # Qwen2.5's tool template over the same <|im_start|> tokens
+
+
+def _trl_template(name: str) -> str:
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / name).read_text()
+
+
+def carry_tools(tokenizer, model_name: str) -> str:
+    """Give ``tokenizer`` a chat template that carries tools and the parser TRL reads their calls with; returns
+    the line that says which. A ChatML model whose own template drops tools (the embedded SmolLM2) gets
+    Qwen2.5's tool template over the same tokens. A template TRL cannot parse calls from is refused in one line."""
+    from trl.chat_template_utils import add_response_schema, is_chat_template_prefix_preserving, supports_tool_calling
+
+    own = tokenizer.chat_template
+    template = next((label for name, label in KNOWN_TEMPLATES.items() if own == _trl_template(name)), None)
+    if template is None and "<|im_start|>" in (own or "") and "<|im_start|>" in tokenizer.get_vocab():
+        tokenizer.chat_template = _trl_template(CHATML_STAND_IN)
+        template = f"Qwen2.5's tool template over {model_name}'s ChatML tokens"
+    if template is None or not supports_tool_calling(tokenizer):
+        tokenizer.chat_template = own
+        known = ", ".join(sorted(set(KNOWN_TEMPLATES.values()) - {"gpt-oss", "GLM-4.5"}))
+        raise GrpoError(
+            f"{model_name}'s chat template cannot carry tool calls that TRL can parse: use a model with the stock "
+            f"template of {known}, or a ChatML model"
+        )
+    add_response_schema(tokenizer)
+    if not is_chat_template_prefix_preserving(tokenizer):
+        raise GrpoError(f"{model_name}'s chat template rewrites earlier turns once a tool answers: TRL needs it not to")
+    parser = "<tool_call> JSON" if "<tool_call>" in tokenizer.chat_template else "the template's own tool-call syntax"
+    return f"Tools: chat template {template}; calls parsed by TRL's response template ({parser})"
+
+
+def check_template(model_name: str) -> str:
+    """``carry_tools`` on the model's tokenizer alone, before any weights load; the line it says."""
+    from transformers import AutoTokenizer
+
+    from grpo_cli.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
+    return carry_tools(tokenizer, model_name)
