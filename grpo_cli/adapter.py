@@ -123,6 +123,15 @@ def model_card(manifest: dict) -> str:
         rows = "\n".join(f"| {k} | {v['base']:.3f} | {v['adapter']:.3f} |" for k, v in manifest["eval"].items())
         evaluation = f"\n## Held-out evaluation\n\n| metric | base | adapter |\n| --- | --- | --- |\n{rows}\n"
     reward = manifest.get("last_reward")
+    tools = ""
+    if manifest.get("tools"):
+        t = manifest["tools"]
+        listed = "\n".join(f"- `{name}`" for name in t["tools"])
+        tools = (
+            f"\n## Tools\n\nTrained calling these tools, at most {t['max_tool_calling_iterations']} rounds a "
+            f"completion ({t.get('template', '')}). `grpo infer --lora ADAPTER_DIR` and `grpo eval` offer them "
+            f"again; the prompt must show their schemas, with the same chat template.\n\n{listed}\n"
+        )
     return f"""---
 {data.to_yaml()}
 ---
@@ -143,7 +152,7 @@ Prompt it with the system prompt below, as it was trained.
 | reward | weight |
 | --- | --- |
 {rewards}
-{evaluation}
+{tools}{evaluation}
 ## Recipe
 
 ```yaml

@@ -61,8 +61,8 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
             nan = f"nan skipped {skipped - self.skipped}" if skipped > self.skipped else None
             self.skipped = skipped
             held_out = eval_line(logs) if "eval_accuracy" in logs else None
-            line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length, nan,
-                    seconds, held_out]  # fmt: skip
+            line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length,
+                    tool_part(logs, "tools/call_frequency", "tools/failure_frequency"), nan, seconds, held_out]  # fmt: skip
             console.print(" | ".join(part for part in line if part))
             accuracy = f"eval acc {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else None
             status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length, accuracy) if part)
@@ -136,17 +136,17 @@ def no_signal_watch(steps: int, stop: bool):
     return NoSignal()
 
 
-def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenizer, output_dir: Path):
+def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenizer, output_dir: Path, toolset=None):
     """A callback that scores the adapter being trained on held-out prompts, greedy, with the run's system prompt,
-    in the engine training generates with: before step 1, then every ``eval_steps`` steps. Its accuracy, format
-    rate, mean length and cost go into that step's log (metrics, step line, loggers, plot)."""
+    in the engine training generates with and, with tools, through the same tool loop: before step 1, then every
+    ``eval_steps`` steps. Its accuracy, format rate, mean length, tool use and cost go into that step's log
+    (metrics, step line, loggers, plot)."""
     from rich.console import Console
     from transformers import TrainerCallback
 
     from grpo_cli.evaluate import score, summarize
-    from grpo_cli.generate import Sampling, engine_for
+    from grpo_cli.generate import Sampling, converse, engine_for
 
-    texts = [tokenizer.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False) for e in examples]
     greedy = Sampling(greedy=True, max_tokens=settings.train.max_completion_length)
     every = settings.train.eval_steps
 
@@ -163,13 +163,16 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
             generator.follow(self.scratch)
             model.eval()
             try:
-                completions = generator.generate(texts, greedy, adapter=True)
+                completions = converse(
+                    lambda texts, sampling: generator.generate(texts, sampling, adapter=True),
+                    tokenizer, [e["prompt"] for e in examples], greedy, toolset, examples,
+                )  # fmt: skip
             finally:
                 # back to training as it was: Unsloth's generate turns gradient checkpointing off for inference and
                 # only its for_training turns it on again; TRL logs a step's metrics as training ones only while
                 # the model is in training mode
                 model.for_training() if plan.unsloth else model.train()
-            summary = summarize(score(completions, examples, [], tokenizer), [])
+            summary = summarize(score(completions, examples, [], tokenizer), toolset is not None)
             return {f"eval_{k}": v for k, v in summary.items()} | {"eval_seconds": time.time() - started}
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -194,8 +197,21 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
     return HeldOut()
 
 
+def tool_part(logs: dict, calls: str, failures: str) -> str | None:
+    """Tool calls per completion and the share that failed, where the run has tools (TRL logs both).
+
+    >>> tool_part({"tools/call_frequency": 1.25, "tools/failure_frequency": 0.1}, "tools/call_frequency",
+    ...           "tools/failure_frequency")
+    'tools 1.25/completion, 10% failed'
+    """
+    if calls not in logs:
+        return None
+    return f"tools {logs[calls]:.2f}/completion, {logs.get(failures, 0.0):.0%} failed"
+
+
 def eval_line(logs: dict) -> str:
+    tools = tool_part(logs, "eval_tool_calls_per_completion", "eval_tool_failure_rate")
     return (
         f"eval accuracy {logs['eval_accuracy']:.1%} format {logs['eval_format_rate']:.1%} "
-        f"length {logs['eval_mean_length']:.1f} ({logs['eval_seconds']:.0f}s)"
+        f"length {logs['eval_mean_length']:.1f}{f' {tools}' if tools else ''} ({logs['eval_seconds']:.0f}s)"
     )

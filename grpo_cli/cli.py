@@ -157,7 +157,7 @@ def check_rewards(settings) -> None:
     from grpo_cli.plan import resolve
 
     print(resolve(settings).line())
-    rows, unparsed, prompts, g, code = reward_check(settings)
+    rows, unparsed, prompts, g, code, tools = reward_check(settings)
     table = Table(title=f"Rewards on {prompts} prompts x {g} base-model completions")
     for column in ("reward", "mean", "std", "groups with no spread"):
         table.add_column(column, justify="left" if column == "reward" else "right")
@@ -172,6 +172,11 @@ def check_rewards(settings) -> None:
         )
     else:
         console.print(f"completions without an <answer> tag (parse failures): {unparsed:.0%}")
+    if tools:
+        console.print(
+            f"tool calls per completion {tools['tool_calls_per_completion']:.2f}; completions that called a tool "
+            f"{tools['tool_use_rate']:.0%}; calls that failed {tools['tool_failure_rate']:.0%}"
+        )
     if all(row["zero_spread_groups"] == 1 for row in rows):
         console.print(
             "[yellow]warning[/]: every reward is constant within every group: GRPO has no signal to learn from. "
@@ -223,6 +228,14 @@ def save_lora(
     print(f"Saved {run(source, out_dir, merged=merged, gguf=gguf, force=force, push_to_hub=push_to_hub)}")
 
 
+def offered_tools(specs: list[str] | None):
+    """The tools given on the command line, checked before any model loads; None: the adapter's own."""
+    from grpo_cli import tools
+    from grpo_cli.config import DataSettings
+
+    return tools.resolve(DataSettings(tools=specs)) if specs else None
+
+
 def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
     prompts = list(prompt or [])
     if prompts_file:
@@ -250,25 +263,30 @@ def infer(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling.")] = 0.95,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 1024,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same answers.")] = 3407,
+    tool: Annotated[
+        list[str] | None, typer.Option(help="Offer these tools instead of the adapter's (calculator, file.py:fn, ...).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Answer prompts with the base model and with the adapter, side by side."""
+    """Answer prompts with the base model and with the adapter, side by side; with tools (the adapter's, or
+    --tool), each side's calls and their results."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from grpo_cli.generate import Pair, Sampling
+    from grpo_cli.generate import Pair, Sampling, transcript
 
     prompts = read_prompts(prompt, prompts_file)
+    toolset = offered_tools(tool)
     with contextlib.redirect_stdout(sys.stderr):  # libraries print while loading: keep stdout for answers
-        pair = Pair(model, lora)
+        pair = Pair(model, lora, toolset=toolset)
         print(pair.plan.line())
-        texts = pair.texts(prompts, system_prompt)
+        messages = pair.messages(prompts, system_prompt)
         sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        base = pair.base(texts, sampling)
-        tuned = pair.tuned(texts, sampling) if lora else None
-        warning = pair.warn_if_inert(texts[0])
+        base = [transcript(c) for c in pair.answer(messages, sampling, adapter=False)]
+        tuned = [transcript(c) for c in pair.answer(messages, sampling, adapter=True)] if lora else None
+        warning = pair.warn_if_inert(pair.texts(prompts[:1], system_prompt)[0])
     if warning:
         print(warning, file=sys.stderr)
     if as_json:
@@ -298,6 +316,9 @@ def evaluate(
     model: Annotated[str | None, typer.Option(help="Base model (default: the adapter's).")] = None,
     system_prompt: Annotated[str | None, typer.Option(help="System prompt (default: the adapter's).")] = None,
     reward: Annotated[list[str] | None, typer.Option(help="Rewards to report (default: the adapter's).")] = None,
+    tool: Annotated[
+        list[str] | None, typer.Option(help="Offer these tools instead of the adapter's (calculator, file.py:fn, ...).")
+    ] = None,
     sample: Annotated[bool, typer.Option(help="Sample (temperature, top-p) instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature, with --sample.")] = 0.8,
     max_tokens: Annotated[int | None, typer.Option(help="Tokens at most (default: the training length).")] = None,
@@ -330,7 +351,8 @@ def evaluate(
         limit=limit,
     )
     code = bool(code_columns(load_examples(data)[0]))
-    pair = Pair(model, lora)
+    toolset = offered_tools(tool)
+    pair = Pair(model, lora, toolset=toolset)
     print(pair.plan.line())
     rewards = reward or manifest.get("rewards") or (["code_tests"] if code else ["numeric_correctness"])
     length = max_tokens or trained.get("train", {}).get("max_completion_length", 256)
@@ -345,10 +367,11 @@ def evaluate(
         table.add_column("difference", justify="right")
     for key in COLUMNS + [k for k in summaries["base"] if k not in COLUMNS]:
         values = [summaries[name][key] for name in summaries]
-        cells = [f"{v:.1%}" if key in ("accuracy", "format_rate") else f"{v:.3f}" for v in values]
+        share = key in ("accuracy", "format_rate", "tool_use_rate", "tool_failure_rate")
+        cells = [f"{v:.1%}" if share else f"{v:.3f}" for v in values]
         if tuned:
             diff = values[1] - values[0]
-            cells.append(f"{diff:+.1%}" if key in ("accuracy", "format_rate") else f"{diff:+.3f}")
+            cells.append(f"{diff:+.1%}" if share else f"{diff:+.3f}")
         names = {"accuracy": "pass@1 (every test passes)", "format_rate": "has a ```python block"} if code else {}
         table.add_row(names.get(key, key), *cells)
     console = Console()

@@ -504,12 +504,17 @@ def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], i
     return examples, dropped
 
 
-def prompt_length(tokenizer, messages: list[dict]) -> int:
-    return len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+def prompt_length(tokenizer, messages: list[dict], tools: list | None = None) -> int:
+    """Tokens of the rendered prompt, with the tools' schemas where there are tools."""
+    ids = tokenizer.apply_chat_template(
+        messages, tools=tools or None, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return len(ids)
 
 
-def load_examples(settings: DataSettings, tokenizer=None) -> list[dict]:
-    """The examples for training or evaluation, filtered by ``max_prompt_length`` when a tokenizer is given."""
+def load_examples(settings: DataSettings, tokenizer=None, tools: list | None = None) -> list[dict]:
+    """The examples for training or evaluation, filtered by ``max_prompt_length`` when a tokenizer is given
+    (counted with the ``tools`` the prompt will show)."""
     if settings.limit is not None and settings.limit <= 0:
         raise GrpoError(f"limit must be a positive number of examples, got {settings.limit}: drop --limit to use all")
     examples, dropped = to_examples(raw_rows(settings), settings)
@@ -518,7 +523,7 @@ def load_examples(settings: DataSettings, tokenizer=None) -> list[dict]:
     if settings.limit:
         examples = examples[: settings.limit]
     if tokenizer is not None:
-        kept = [e for e in examples if prompt_length(tokenizer, e["prompt"]) <= settings.max_prompt_length]
+        kept = [e for e in examples if prompt_length(tokenizer, e["prompt"], tools) <= settings.max_prompt_length]
         if not kept:
             raise GrpoError(
                 f"every one of {len(examples)} prompts is longer than max_prompt_length {settings.max_prompt_length} "
@@ -531,7 +536,7 @@ def load_examples(settings: DataSettings, tokenizer=None) -> list[dict]:
     return examples
 
 
-def eval_examples(settings: DataSettings, train: list[dict], limit: int, seed: int, tokenizer=None):
+def eval_examples(settings: DataSettings, train: list[dict], limit: int, seed: int, tokenizer=None, tools=None):
     """Held-out prompts for evaluation during training -> (examples, the training examples left, a description).
     The eval data set or split when given; else the data set's test split when it has one; else a seeded slice
     of the training examples, which training then does without."""
@@ -551,7 +556,7 @@ def eval_examples(settings: DataSettings, train: list[dict], limit: int, seed: i
         )
     if named or not whole:
         try:
-            return load_examples(source, tokenizer), train, f"{source.dataset} ({source.split})"
+            return load_examples(source, tokenizer, tools), train, f"{source.dataset} ({source.split})"
         except GrpoError as exc:
             if named:  # the flag that names the evaluation split is --eval-split
                 raise GrpoError(f"evaluation set: {str(exc).replace('use --split', 'use --eval-split')}") from exc

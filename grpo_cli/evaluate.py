@@ -16,33 +16,48 @@ from rewards.numeric import same_number
 from rewards.reference import extract_xml_answer
 
 COLUMNS = ["accuracy", "format_rate", "mean_length"]
+ROW_KEYS = {"question", "answer", "completion", "correct", "formatted", "length", "tool_calls", "tool_failures",
+            "conversation"}  # fmt: skip
 
 
-def score(completions: list[str], examples: list[dict], rewards: list[str], tokenizer=None) -> list[dict]:
+def score(completions: list, examples: list[dict], rewards: list[str], tokenizer=None) -> list[dict]:
     """Per prompt: correct (numeric equivalence; for code rows, every test passes: pass@1 with one greedy sample),
-    formatted (ends with <answer>N</answer>; for code, holds a ```python block), each reward, length.
+    formatted (ends with <answer>N</answer>; for code, holds a ```python block), each reward, length, and the tool
+    calls made and failed. A completion is a Conversation (grpo_cli/generate.py) or its text; the rewards see the
+    whole conversation, as TRL passes it, and the answer is read from its final assistant message.
 
     >>> example = {"prompt": [{"role": "user", "content": "2 + 3?"}], "answer": "5"}
     >>> rows = score(["<answer>5</answer>", "five"], [example] * 2, ["answer_tag"])
     >>> [(r["correct"], r["formatted"], r["answer_tag"]) for r in rows]
     [(True, True, 1.0), (False, False, 0.0)]
     """
-    messages = [[{"role": "assistant", "content": c}] for c in completions]
+    from grpo_cli.generate import Conversation
+
+    conversations = [c if isinstance(c, Conversation) else Conversation([{"role": "assistant", "content": c}])
+                     for c in completions]  # fmt: skip
+    texts = [c.text for c in conversations]
+    messages = [c.messages for c in conversations]
     prompts = [e["prompt"] for e in examples]
     answers = [e["answer"] for e in examples]
     code = code_columns(examples[0])  # the rows' tests, for the code rewards
     columns = {k: [e.get(k) for e in examples] for k in code}
+    environments = [c.environment for c in conversations]
+    if any(e is not None for e in environments):
+        columns["environments"] = environments
     per_reward = {}
     for spec in rewards:
         func, _ = resolve(spec)
         per_reward[spec.split(":")[0]] = func(prompts=prompts, completions=messages, answer=answers, **columns)
+    for kind in {type(e) for e in environments if callable(getattr(e, "get_reward", None))}:
+        per_reward[kind.__name__] = [e.get_reward() if type(e) is kind else None for e in environments]
     if code:
         tests = code_tests_reward if {"test", "test_list"} & set(code) else code_io_reward
         correct = [value == 1.0 for value in tests(prompts, messages, **columns)]
     else:
-        correct = ["<answer>" in t and same_number(extract_xml_answer(t), a) for t, a in zip(completions, answers)]
+        correct = ["<answer>" in t and same_number(extract_xml_answer(t), a) for t, a in zip(texts, answers)]
     rows = []
-    for i, (text, answer) in enumerate(zip(completions, answers)):
+    for i, (text, answer) in enumerate(zip(texts, answers)):
+        words = " ".join(str(m.get("content") or "") for m in messages[i] if m["role"] == "assistant")
         rows.append(
             {
                 "question": prompts[i][-1]["content"],
@@ -50,20 +65,24 @@ def score(completions: list[str], examples: list[dict], rewards: list[str], toke
                 "completion": text,
                 "correct": correct[i],
                 "formatted": code_block(text) is not None if code else bool(FINAL_ANSWER.search(text)),
-                "length": len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                "length": len(tokenizer(words, add_special_tokens=False)["input_ids"])
                 if tokenizer
-                else len(text.split()),
+                else len(words.split()),
+                "tool_calls": conversations[i].calls,
+                "tool_failures": conversations[i].failures,
+                **({"conversation": messages[i]} if len(messages[i]) > 1 else {}),
                 **{name: values[i] for name, values in per_reward.items()},
             }
         )
     return rows
 
 
-def summarize(rows: list[dict], rewards: list[str]) -> dict:
-    """Accuracy, format rate, mean length and the mean of each reward.
+def summarize(rows: list[dict], tools: bool = False) -> dict:
+    """Accuracy, format rate, mean length and the mean of each reward; with tools, the calls per completion, the
+    share of completions that called one, and the share of calls that failed.
 
     >>> summarize([{"correct": True, "formatted": True, "length": 4, "r": 1.0},
-    ...            {"correct": False, "formatted": True, "length": 6, "r": 0.0}], ["r"])
+    ...            {"correct": False, "formatted": True, "length": 6, "r": 0.0}])
     {'accuracy': 0.5, 'format_rate': 1.0, 'mean_length': 5.0, 'r': 0.5}
     """
     summary = {
@@ -71,7 +90,27 @@ def summarize(rows: list[dict], rewards: list[str]) -> dict:
         "format_rate": float(statistics.mean(r["formatted"] for r in rows)),
         "mean_length": float(statistics.mean(r["length"] for r in rows)),
     }
-    return summary | {name: statistics.mean(r[name] for r in rows) for name in (s.split(":")[0] for s in rewards)}
+    if tools:
+        summary |= tool_figures(rows)
+    names = [k for k in rows[0] if k not in ROW_KEYS]  # the rewards, and environments' own
+    return summary | {
+        name: statistics.mean(r[name] for r in rows if r[name] is not None) if any(r[name] is not None for r in rows)
+        else 0.0 for name in names
+    }  # fmt: skip
+
+
+def tool_figures(rows: list[dict]) -> dict:
+    """Tool calls per completion, the share of completions that called a tool, and the share of calls that failed.
+
+    >>> tool_figures([{"tool_calls": 2, "tool_failures": 1}, {"tool_calls": 0, "tool_failures": 0}])
+    {'tool_calls_per_completion': 1.0, 'tool_use_rate': 0.5, 'tool_failure_rate': 0.5}
+    """
+    calls = sum(r["tool_calls"] for r in rows)
+    return {
+        "tool_calls_per_completion": calls / len(rows),
+        "tool_use_rate": sum(r["tool_calls"] > 0 for r in rows) / len(rows),
+        "tool_failure_rate": sum(r["tool_failures"] for r in rows) / calls if calls else 0.0,
+    }
 
 
 def flipped(base: list[dict], tuned: list[dict], key: str, n: int = 3) -> list[tuple[str, dict, dict]]:
@@ -83,8 +122,8 @@ def flipped(base: list[dict], tuned: list[dict], key: str, n: int = 3) -> list[t
 
 def csv_text(base: list[dict], tuned: list[dict]) -> str:
     out = io.StringIO()
-    fields = ["model", "index", *base[0].keys()]
-    writer = csv.DictWriter(out, fieldnames=fields)
+    fields = ["model", "index", *(k for k in base[0] if k != "conversation")]  # conversations: in eval.json
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for name, rows in (("base", base), ("adapter", tuned)):
         for i, row in enumerate(rows):
@@ -104,12 +143,15 @@ def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir:
 
     check_output_dir(output_dir, overwrite)
     examples = load_examples(data)
-    texts = pair.texts([e["prompt"][-1]["content"] for e in examples], data.system_prompt)
-    base = score(pair.base(texts, sampling), examples, rewards, pair.tokenizer)
-    tuned = score(pair.tuned(texts, sampling), examples, rewards, pair.tokenizer) if pair.lora_dir else None
-    summaries = {"base": summarize(base, rewards)}
+    prompts = pair.messages([e["prompt"][-1]["content"] for e in examples], data.system_prompt)
+    base = score(pair.answer(prompts, sampling, False, examples), examples, rewards, pair.tokenizer)
+    tuned = None
+    if pair.lora_dir:
+        tuned = score(pair.answer(prompts, sampling, True, examples), examples, rewards, pair.tokenizer)
+    tools = pair.toolset is not None
+    summaries = {"base": summarize(base, tools)}
     if tuned:
-        summaries["adapter"] = summarize(tuned, rewards)
+        summaries["adapter"] = summarize(tuned, tools)
     result = {"prompts": len(examples), "dataset": data.dataset, "split": data.split, "summary": summaries,
               "base": base, "adapter": tuned}  # fmt: skip
 
@@ -121,31 +163,36 @@ def evaluate(pair, data: DataSettings, sampling, rewards: list[str], output_dir:
     return summaries, base, tuned
 
 
-def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], float, int, int, dict]:
-    """Sample the base model as training would; per reward: mean, std, share of groups with no spread.
-    Also returns the share of completions without an <answer> tag, the prompt count, the group size and, for code
-    data, how many completions had no ```python block and how many programs ran past the time limit."""
+def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], float, int, int, dict, dict]:
+    """Sample the base model as training would (with its tools, in the same loop); per reward: mean, std, share of
+    groups with no spread. Also returns the share of completions without an <answer> tag, the prompt count, the
+    group size, for code data how many completions had no ```python block and how many programs ran past the time
+    limit, and with tools the calls per completion, the share that called one and the share of calls that failed."""
     import statistics
 
+    from grpo_cli import tools
     from grpo_cli.data import load_examples
     from grpo_cli.generate import Pair, Sampling
     from rewards import checked
 
     d = settings.data
     funcs = {spec: checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards}
+    toolset = tools.resolve(d)
     examples = load_examples(settings.data)[:prompts]
-    pair = Pair(settings.model.model, None, settings=settings.model)
+    pair = Pair(settings.model.model, None, settings=settings.model, toolset=toolset)
     g = settings.train.num_generations
-    texts = pair.texts([e["prompt"][-1]["content"] for e in examples for _ in range(g)], settings.data.system_prompt)
     sampling = Sampling(
         temperature=settings.train.temperature,
         top_p=1.0,
         max_tokens=settings.train.max_completion_length,
         seed=settings.train.seed,
     )
-    completions = [[{"role": "assistant", "content": c}] for c in pair.base(texts, sampling)]
     repeated = [e for e in examples for _ in range(g)]
+    conversations = pair.answer([e["prompt"] for e in repeated], sampling, False, repeated)
+    completions = [c.messages for c in conversations]
     columns = {k: [e.get(k) for e in repeated] for k in code_columns(examples[0])}
+    if toolset and toolset.environments:
+        columns["environments"] = [c.environment for c in conversations]
     timed_out = sum(f.counts["timed_out"] for f in (code_tests_reward, code_io_reward))
     rows = []
     for spec, func in funcs.items():
@@ -162,12 +209,15 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
             "std": statistics.pstdev(values),
             "zero_spread_groups": sum(len(set(group)) == 1 for group in groups) / len(groups),
         })  # fmt: skip
-    unparsed = sum("<answer>" not in c[0]["content"] for c in completions) / len(completions)
+    unparsed = sum("<answer>" not in c.text for c in conversations) / len(conversations)
     code = {}
     if columns:
         code = {
-            "no_code_block": sum(code_block(c[0]["content"]) is None for c in completions),
+            "no_code_block": sum(code_block(c.text) is None for c in conversations),
             "timed_out": sum(f.counts["timed_out"] for f in (code_tests_reward, code_io_reward)) - timed_out,
             "completions": len(completions),
         }
-    return rows, unparsed, len(examples), g, code
+    used = {}
+    if toolset:
+        used = tool_figures([{"tool_calls": c.calls, "tool_failures": c.failures} for c in conversations])
+    return rows, unparsed, len(examples), g, code, used

@@ -27,6 +27,126 @@ def chat_texts(tokenizer, questions: list[str], system_prompt: str) -> list[str]
     ]
 
 
+@dataclass
+class Conversation:
+    """One completion: the assistant's turns and, where it called tools, their results, as TRL hands a tool
+    conversation to the rewards; with the calls made and how many failed (raised, timed out, or no such tool)."""
+
+    messages: list[dict]
+    calls: int = 0
+    failures: int = 0
+    environment: object | None = None  # the rollout's environment instance, for its get_reward
+
+    @property
+    def text(self) -> str:
+        """The final assistant message's text, what the answer is read from."""
+        return next((m.get("content") or "" for m in reversed(self.messages) if m["role"] == "assistant"), "")
+
+
+def transcript(conversation: Conversation) -> str:
+    """A conversation as text to read: each call as ``-> name(arguments)``, each result as ``<- result``.
+
+    >>> transcript(Conversation([
+    ...     {"role": "assistant", "content": "", "tool_calls": [
+    ...         {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "6*7"}}}]},
+    ...     {"role": "tool", "name": "calculator", "content": "42"},
+    ...     {"role": "assistant", "content": "<answer>42</answer>"}]))
+    "-> calculator(expression='6*7')\n<- 42\n<answer>42</answer>"
+    """
+    lines = []
+    for message in conversation.messages:
+        if message["role"] == "tool":
+            lines.append(f"<- {message['content']}")
+            continue
+        if message.get("content"):
+            lines.append(message["content"])
+        for call in message.get("tool_calls") or []:
+            function = call.get("function", {})
+            arguments = function.get("arguments")
+            shown = (
+                ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+                if isinstance(arguments, dict)
+                else repr(arguments)
+            )
+            lines.append(f"-> {function.get('name')}({shown})")
+    return "\n".join(lines)
+
+
+def run_tool_calls(calls: list[dict], tools: dict) -> tuple[list[dict], int]:
+    """The tool messages for one assistant turn's calls, and how many failed; as TRL's ``_tool_call_loop`` makes
+    them: a failure becomes ``{'error': ...}`` for the model to read, and never stops anything."""
+    messages, failures = [], 0
+    for call in calls:
+        name = call.get("function", {}).get("name", call.get("name", "unknown"))
+        try:
+            if call.get("type") != "function":
+                raise ValueError(f"Unsupported tool call type: {call.get('type')}")
+            if name not in tools:
+                raise ValueError(f"Tool {name} not found.")
+            result = tools[name](**call["function"]["arguments"])
+        except Exception as exc:
+            failures += 1
+            result = {"error": str(exc)}
+        messages.append({"role": "tool", "name": name, "content": result if isinstance(result, list) else str(result)})
+    return messages, failures
+
+
+def converse(generate, tokenizer, prompts: list[list[dict]], sampling: Sampling, toolset=None, rows=None):
+    """Each prompt's completion as a Conversation. With tools, the loop TRL trains with: the prompt is rendered
+    with the tools' schemas, each turn's calls are parsed with the tokenizer's response template and run, their
+    results appended, and the model goes on, up to ``max_iterations`` rounds and ``sampling.max_tokens`` tokens
+    of completion in all (a round whose tool results would pass that is taken back and the row ends, as in TRL).
+    ``generate(texts, sampling)`` is the engine's; ``rows`` are the data rows (an environment's reset reads them)."""
+    import dataclasses
+
+    from trl.chat_template_utils import parse_response
+
+    if toolset is None:
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        return [Conversation([{"role": "assistant", "content": t}]) for t in generate(texts, sampling)]
+
+    def render(history, schemas):
+        return tokenizer.apply_chat_template(history, tools=schemas or None, add_generation_prompt=True, tokenize=False)
+
+    def count(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    conversations, histories, tools, schemas = [], [], [], []
+    for prompt, row in zip(prompts, rows or [{} for _ in prompts]):
+        row_tools, environment, observation = toolset.for_row(row)
+        if isinstance(observation, str) and observation:  # reset's observation joins the last user message
+            prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + observation}]
+        conversations.append(Conversation([], environment=environment))
+        histories.append(list(prompt))
+        tools.append(row_tools)
+        schemas.append(list(row_tools.values()))
+    opening = [count(render(h, s)) for h, s in zip(histories, schemas)]
+    active = list(range(len(prompts)))
+    for round in range(toolset.max_iterations + 1):
+        texts = [render(histories[i], schemas[i]) for i in active]
+        left = {i: sampling.max_tokens - (count(t) - opening[i]) for i, t in zip(active, texts)}
+        outputs = generate(texts, dataclasses.replace(sampling, max_tokens=max(1, max(left.values()))))
+        calling = []
+        for i, text, output in zip(active, texts, outputs):
+            ids = tokenizer(output, add_special_tokens=False)["input_ids"][: max(1, left[i])]
+            message = parse_response(tokenizer, ids, prefix=tokenizer(text, add_special_tokens=False)["input_ids"])
+            histories[i].append(message)
+            conversations[i].messages.append(message)
+            if message.get("tool_calls") and round < toolset.max_iterations:
+                results, failures = run_tool_calls(message["tool_calls"], tools[i])
+                conversations[i].calls += len(message["tool_calls"])
+                conversations[i].failures += failures
+                if count(render(histories[i] + results, schemas[i])) - opening[i] >= sampling.max_tokens:
+                    continue  # no room left for the results and an answer: the row ends here, as in TRL
+                histories[i] += results
+                conversations[i].messages += results
+                calling.append(i)
+        active = calling
+        if not active:
+            break
+    return conversations
+
+
 @contextmanager
 def merged_lora(model):
     """Fold each 16-bit LoRA layer into its base weight while generating: the same function with one matmul a
@@ -436,12 +556,19 @@ class Pair:
     """One loaded base model, and the adapter switched on and off: never two copies. Without an adapter, the base
     alone (the embedded model unless ``model_name`` names another)."""
 
-    def __init__(self, model_name: str | None, lora_dir: Path | None, max_seq_length: int = 2048, settings=None):
-        """``settings``: a run's own model settings (the dry run samples the base as the run would load it)."""
-        from grpo_cli import models, plan
-        from grpo_cli.config import ModelSettings
+    def __init__(
+        self, model_name: str | None, lora_dir: Path | None, max_seq_length: int = 2048, settings=None, toolset=None
+    ):
+        """``settings``: a run's own model settings (the dry run samples the base as the run would load it).
+        ``toolset``: the tools to offer (grpo_cli/tools.py); by default those the adapter was trained with."""
+        from grpo_cli import models, plan, tools
+        from grpo_cli.config import DataSettings, ModelSettings
 
         self.lora_dir, self.manifest = find_adapter(lora_dir) if lora_dir else (None, {})
+        trained_data = self.manifest.get("settings", {}).get("data", {})
+        if toolset is None and (trained_data.get("tools") or trained_data.get("environment")):
+            keys = ("tools", "environment", "max_tool_calling_iterations", "tool_timeout")
+            toolset = tools.resolve(DataSettings(**{k: trained_data[k] for k in keys if k in trained_data}))
         model_name = model_name or self.manifest.get("base_model") or models.EMBEDDED
         trained = self.manifest.get("settings", {}).get("model", {})
         settings = settings or ModelSettings(
@@ -462,7 +589,24 @@ class Pair:
                 f"(config {expected}), not on {model_name} (config {fingerprint(model.config)}): "
                 f"give --model {self.manifest.get('base_model')}"
             )
+        self.toolset = toolset
+        if toolset is not None:
+            toolset.template = tools.carry_tools(self.tokenizer, model_name)
+            print(toolset.template)
         self.engine = engine_for(self.plan)(model, self.tokenizer, self.lora_dir)
+
+    def messages(self, questions: list[str], system_prompt: str | None) -> list[list[dict]]:
+        prompt = self.manifest.get("system_prompt", "") if system_prompt is None else system_prompt
+        return [([{"role": "system", "content": prompt}] if prompt else []) + [{"role": "user", "content": q}]
+                for q in questions]  # fmt: skip
+
+    def answer(self, prompts: list[list[dict]], sampling: Sampling, adapter: bool, rows=None) -> list[Conversation]:
+        """Each prompt's completion, from the adapter or the base, through the tool loop when there are tools."""
+
+        def generate(texts, s):
+            return self.engine.generate(texts, s, adapter=adapter and bool(self.lora_dir))
+
+        return converse(generate, self.tokenizer, prompts, sampling, self.toolset, rows)
 
     def texts(self, questions: list[str], system_prompt: str | None) -> list[str]:
         prompt = self.manifest.get("system_prompt", "") if system_prompt is None else system_prompt

@@ -196,7 +196,9 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
         from grpo_cli import sandbox
 
         box = sandbox.use(settings.data.sandbox)
-        problem = problem or (f"model code cannot run here (code rewards, python tool): {box.problem}" if box.problem else None)
+        problem = problem or (
+            f"model code cannot run here (code rewards, python tool): {box.problem}" if box.problem else None
+        )
     if s.vllm_standby and generator == "vllm":
         why.append(
             "standby: Unsloth sizes vLLM's memory share" if s.gpu_memory_utilization is None

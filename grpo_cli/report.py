@@ -60,8 +60,9 @@ def append_samples(output_dir: Path, step: int, logs: dict, count: int = 4) -> N
 
 
 def plot(output_dir: Path) -> Path | None:
-    """rewards.png: mean reward (total and each function) and completion length over steps, and the held-out
-    accuracy when the run evaluates while training."""
+    """rewards.png: mean reward (total and each function) and completion length over steps, tool calls per
+    completion and their failure rate when the run has tools, and the held-out accuracy (and tool use) when the
+    run evaluates while training."""
     rows = read_metrics(output_dir)
     if not rows:
         return None
@@ -86,10 +87,20 @@ def plot(output_dir: Path) -> Path | None:
     bottom.plot(steps, [r.get("completions/mean_length") for r in rows], color="tab:gray")
     bottom.set_ylabel("completion length (tokens)")
     bottom.grid(alpha=0.3)
+    if "tools/call_frequency" in rows[-1]:  # on a second axis: calls per completion, and the share that failed
+        tools = bottom.twinx()
+        tools.plot(steps, [r.get("tools/call_frequency") for r in rows], color="tab:orange", label="tool calls")
+        tools.plot(steps, [r.get("tools/failure_frequency") for r in rows], color="tab:red", linestyle=":",
+                   label="tool failure rate")  # fmt: skip
+        tools.set_ylabel("tool calls / completion; failure rate")
+        tools.legend(fontsize=8, loc="best")
     for panel in evaluation:  # held-out accuracy and format rate, from step 0 (before training)
         at = [r["step"] for r in held_out]
         panel.plot(at, [r["eval_accuracy"] for r in held_out], marker="o", color="tab:green", label="accuracy")
         panel.plot(at, [r["eval_format_rate"] for r in held_out], marker=".", color="tab:blue", label="format rate")
+        if "eval_tool_use_rate" in held_out[-1]:
+            panel.plot(at, [r.get("eval_tool_use_rate") for r in held_out], marker="x", color="tab:orange",
+                       label="used a tool")  # fmt: skip
         panel.set_ylabel("held-out (greedy)")
         panel.set_ylim(0, 1.05)
         panel.legend(fontsize=8, loc="best")

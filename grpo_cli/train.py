@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from grpo_cli import dist, models, report, runs
+from grpo_cli import dist, models, report, runs, tools
 from grpo_cli.adapter import MANIFEST, fingerprint, save_adapter, write_json
 from grpo_cli.config import Settings
 from grpo_cli.errors import GrpoError
@@ -24,7 +24,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     dist.start(cpu=not plan.cuda, timeout=settings.train.extra.get("ddp_timeout", 1800))
 
     # 2. Input: all that can fail before a model loads, checked on every process; all stop if one fails
-    reward_funcs, checkpoint = dist.agree(check_input, settings, plan, resume, overwrite, resume_anyway)
+    reward_funcs, toolset, checkpoint = dist.agree(check_input, settings, plan, resume, overwrite, resume_anyway)
 
     # 3. Model: unsloth first where it trains, as it patches trl and transformers on import; the trainer's
     # settings before the weights, as DeepSpeed ZeRO-3 loads each process's shard only once they exist
@@ -34,16 +34,21 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     config = grpo_config(settings, plan)
     model, tokenizer = models.load_model(settings.model, plan)
     plan = models.as_loaded(model, plan)
-    manifest = run_manifest(settings, plan, model, tokenizer)
+    if toolset:  # the template that renders the tools and the parser TRL reads the model's calls with
+        toolset.template = tools.carry_tools(tokenizer, settings.model.model)
+        print(toolset.template)
+    manifest = run_manifest(settings, plan, model, tokenizer, toolset)
     model = models.add_lora(model, settings.model, plan)
 
     # 4. Data: prompts longer than max_prompt_length dropped; held-out prompts set aside when evaluating
-    examples, held_out = training_data(settings, tokenizer)
+    examples, held_out = training_data(settings, tokenizer, toolset)
 
     # 5. Trainer, in a run folder that is this run's alone from here on
     lock = dist.agree(runs.claim, output_dir, overwrite)
     try:
-        trainer, stop = build_trainer(settings, plan, model, tokenizer, reward_funcs, config, examples, held_out)
+        trainer, stop = build_trainer(
+            settings, plan, model, tokenizer, reward_funcs, toolset, config, examples, held_out
+        )
         model = model if plan.unsloth else trainer.model  # on the plain path, the PEFT model TRL wrapped
         if dist.is_main():
             write_json(output_dir / MANIFEST, manifest)
@@ -69,7 +74,8 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
 
 
 def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: bool, resume_anyway: bool):
-    """Everything about the input that can fail before a model loads; returns the rewards and the checkpoint."""
+    """Everything about the input that can fail before a model loads; returns the rewards, the tools and the
+    checkpoint."""
     from grpo_cli.data import eval_examples, load_examples
     from rewards import checked, resolve
 
@@ -82,6 +88,9 @@ def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: b
     runs.check_output_dir(output_dir, bool(resume), overwrite)
     d = settings.data
     reward_funcs = [checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards]
+    toolset = tools.resolve(d)
+    if toolset:
+        tools.check_template(settings.model.model)
     for logger in {settings.train.report_to} - {"none"}:
         if importlib.util.find_spec(logger) is None:
             raise GrpoError(
@@ -92,10 +101,10 @@ def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: b
     examples = load_examples(settings.data)
     if settings.train.eval_steps:  # the held-out prompts too
         eval_examples(settings.data, examples, settings.train.eval_limit, settings.train.seed)
-    return reward_funcs, checkpoint
+    return reward_funcs, toolset, checkpoint
 
 
-def run_manifest(settings: Settings, plan: Plan, model, tokenizer) -> dict:
+def run_manifest(settings: Settings, plan: Plan, model, tokenizer, toolset) -> dict:
     """What an adapter from this run needs to be used as it was trained, the weights as the plan loaded them."""
     return {
         "base_model": settings.model.model,
@@ -104,28 +113,34 @@ def run_manifest(settings: Settings, plan: Plan, model, tokenizer) -> dict:
         "chat_template": tokenizer.chat_template,
         "answer_extraction": "text between <answer> and </answer>; GSM8K references: text after ####",
         "rewards": settings.data.rewards,
+        **({"tools": toolset.describe() | {"template": toolset.template}} if toolset else {}),
         "plan": plan.to_dict(),
         "settings": settings.to_dict(),
     }
 
 
-def training_data(settings: Settings, tokenizer) -> tuple[list[dict], list[dict] | None]:
-    """The training prompts and, when the run evaluates while training, the held-out ones."""
+def training_data(settings: Settings, tokenizer, toolset) -> tuple[list[dict], list[dict] | None]:
+    """The training prompts and, when the run evaluates while training, the held-out ones; their length counted
+    with the tools' schemas, as TRL renders them."""
     from grpo_cli.data import eval_examples, load_examples
 
-    examples, held_out = load_examples(settings.data, tokenizer), None
+    schemas = toolset.schemas() if toolset else None
+    examples, held_out = load_examples(settings.data, tokenizer, schemas), None
     if settings.train.eval_steps:
         held_out, examples, described = eval_examples(
-            settings.data, examples, settings.train.eval_limit, settings.train.seed, tokenizer
+            settings.data, examples, settings.train.eval_limit, settings.train.seed, tokenizer, schemas
         )
         print(f"Evaluating before step 1 and every {settings.train.eval_steps} steps on {described}")
     print(f"Training on {len(examples)} prompts from {settings.data.dataset}")
     return examples, held_out
 
 
-def build_trainer(settings: Settings, plan: Plan, model, tokenizer, reward_funcs, config, examples, held_out):
-    """TRL's trainer as the plan says, with grpo's callbacks: the step line, a clean stop, the no-signal watch and,
-    first so that every logger sees its figures with the step's, the held-out evaluation."""
+def build_trainer(
+    settings: Settings, plan: Plan, model, tokenizer, reward_funcs, toolset, config, examples, held_out
+):  # fmt: skip
+    """TRL's trainer as the plan says, with the run's tools and environments, and grpo's callbacks: the step line,
+    a clean stop, the no-signal watch and, first so that every logger sees its figures with the step's, the
+    held-out evaluation."""
     from datasets import Dataset
     from transformers import PrinterCallback
 
@@ -140,6 +155,8 @@ def build_trainer(settings: Settings, plan: Plan, model, tokenizer, reward_funcs
         args=config,
         train_dataset=Dataset.from_list(examples),
         peft_config=None if plan.unsloth else models.lora_config(settings.model),
+        tools=toolset.tools if toolset else None,
+        environment_factory=toolset.environment_factory if toolset else None,
         callbacks=[
             log := callbacks.step_log(output_dir, reward_funcs),
             stop := callbacks.stop_on_signal(),
@@ -149,7 +166,7 @@ def build_trainer(settings: Settings, plan: Plan, model, tokenizer, reward_funcs
     log.trainer = watch.trainer = trainer
     trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
     if held_out is not None:
-        evaluator = callbacks.held_out_eval(settings, plan, held_out, tokenizer, output_dir)
+        evaluator = callbacks.held_out_eval(settings, plan, held_out, tokenizer, output_dir, toolset)
         evaluator.trainer = trainer
         trainer.callback_handler.callbacks.insert(0, evaluator)
     return trainer, stop

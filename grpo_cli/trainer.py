@@ -42,6 +42,8 @@ def grpo_config(settings: Settings, plan: Plan):
         reward_weights=[split_weight(r)[1] for r in settings.data.rewards],
         disable_tqdm=True,
     )
+    if settings.data.tools or settings.data.environment:
+        args["max_tool_calling_iterations"] = settings.data.max_tool_calling_iterations
     args.update(dict(plan.algorithm), **t.extra)
     bitsandbytes = "8bit" in args["optim"] or "paged" in args["optim"]
     if bitsandbytes and (not plan.cuda or not plan.unsloth):

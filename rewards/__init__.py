@@ -15,6 +15,7 @@ from rewards.code import code_block_reward, code_io_reward, code_tests_reward
 from rewards.format import answer_tag_reward, numbers_used_reward
 from rewards.numeric import numeric_correctness_reward
 from rewards.reference import (
+    completion_text,
     correctness_reward,
     int_reward,
     soft_format_reward,
@@ -153,7 +154,7 @@ def checked(func, timeout: float | None = None, nan: str = "error"):
             )
         bad = [i for i, v in enumerate(values) if v is not None and not math.isfinite(v)]
         if bad and nan != "skip":
-            text = completions[bad[0]] if isinstance(completions[bad[0]], str) else completions[bad[0]][-1]["content"]
+            text = completion_text(completions[bad[0]])
             raise RewardError(
                 f"reward {name} returned {values[bad[0]]} on {text[:80]!r}: return finite numbers, "
                 "or set reward_nan: skip to leave such samples out"
@@ -221,6 +222,6 @@ def _first_failing(func, timeout, prompts, completions, kwargs) -> str:
         except RewardTimeout:
             break
         except Exception:
-            text = completions[i] if isinstance(completions[i], str) else completions[i][-1]["content"]
+            text = completion_text(completions[i])
             return text[:80]
     return "the batch"

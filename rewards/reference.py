@@ -11,14 +11,20 @@ SOFT_FORMAT = re.compile(r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>")
 
 
 def completion_text(completion) -> str:
-    """The text of one completion, conversational (a list of messages) or plain.
+    """The text of one completion, plain or conversational (a list of messages). A tool conversation (assistant
+    turns with calls, tool results, the answer) is scored on its final assistant message.
 
     >>> completion_text([{"role": "assistant", "content": "hi"}])
     'hi'
+    >>> completion_text([{"role": "assistant", "content": "", "tool_calls": []},
+    ...                  {"role": "tool", "name": "calculator", "content": "12"},
+    ...                  {"role": "assistant", "content": "<answer>12</answer>"}])
+    '<answer>12</answer>'
     """
     if isinstance(completion, str):
         return completion
-    return completion[-1]["content"]
+    said = [m for m in completion if m.get("role", "assistant") == "assistant"]
+    return (said[-1].get("content") or "") if said else ""
 
 
 def extract_xml_answer(text: str) -> str:
