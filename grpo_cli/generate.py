@@ -44,7 +44,7 @@ class Conversation:
 
 
 def transcript(conversation: Conversation) -> str:
-    """A conversation as text to read: each call as ``-> name(arguments)``, each result as ``<- result``.
+    r"""A conversation as text to read: each call as ``-> name(arguments)``, each result as ``<- result``.
 
     >>> transcript(Conversation([
     ...     {"role": "assistant", "content": "", "tool_calls": [

@@ -9,10 +9,12 @@ SHARED_GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets
 
 
 class FakeTokenizer:
-    """Counts one token per whitespace-separated word of the chat-formatted prompt."""
+    """Counts one token per whitespace-separated word of the chat-formatted prompt (and of the tools' names, as a
+    tool template lists them)."""
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
-        text = " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True, tokenize=True, return_dict=False):
+        text = " ".join(f"<tool> {t.__name__}" for t in tools or []) + " "
+        text += " ".join(f"<{m['role']}> {m['content']}" for m in messages) + (
             " <assistant>" if add_generation_prompt else ""
         )
         return text.split() if tokenize else text

@@ -5,25 +5,28 @@ import pytest
 
 from grpo_cli.config import DataSettings
 from grpo_cli.evaluate import evaluate, flipped
-from grpo_cli.generate import Sampling
+from grpo_cli.generate import Pair, Sampling, converse
 
 
 class FakePair:
-    """Stands in for the loaded model: the base answers without tags, the adapter with them."""
+    """Stands in for the loaded model: the base answers without tags, the adapter with them; prompts and the
+    loop are Pair's own."""
 
-    lora_dir, tokenizer = "adapter", None
+    lora_dir, tokenizer, toolset, manifest = "adapter", None, None, {}
+    messages = Pair.messages
 
     def __init__(self, answers):
         self.answers = answers
 
-    def texts(self, questions, system_prompt):
-        return questions
+    def answer(self, prompts, sampling, adapter, rows=None):
+        from conftest import FakeTokenizer
 
-    def base(self, texts, sampling):
-        return [f"it is {a}" for a in self.answers]
+        def generate(texts, sampling):
+            if not adapter:
+                return [f"it is {a}" for a in self.answers]
+            return [f"<answer>{a}</answer>" if i % 2 == 0 else "<answer>0</answer>" for i, a in enumerate(self.answers)]
 
-    def tuned(self, texts, sampling):
-        return [f"<answer>{a}</answer>" if i % 2 == 0 else "<answer>0</answer>" for i, a in enumerate(self.answers)]
+        return converse(generate, FakeTokenizer(), prompts, sampling, self.toolset, rows)
 
 
 def test_eval_metrics_on_known_answers(write_jsonl, tmp_path):
