@@ -106,7 +106,13 @@ def converse(generate, tokenizer, prompts: list[list[dict]], sampling: Sampling,
         return [Conversation([{"role": "assistant", "content": t}]) for t in generate(texts, sampling)]
 
     def render(history, schemas):
-        return tokenizer.apply_chat_template(history, tools=schemas or None, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            history,
+            tools=schemas or None,
+            chat_template=toolset.rollout_template,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
 
     def count(text):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -591,7 +597,7 @@ class Pair:
             )
         self.toolset = toolset
         if toolset is not None:
-            toolset.template = tools.carry_tools(self.tokenizer, model_name)
+            toolset.template, toolset.rollout_template = tools.carry_tools(self.tokenizer, model_name)
             print(toolset.template)
         self.engine = engine_for(self.plan)(model, self.tokenizer, self.lora_dir)
 

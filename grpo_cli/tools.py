@@ -262,6 +262,7 @@ class Toolset:
     max_iterations: int
     timeout: float | None
     template: str = ""  # which chat template and parser carry the tools, said once loaded
+    rollout_template: str | None = None  # the prefix-preserving template TRL renders rollouts with, where needed
 
     @property
     def environment_factory(self):
@@ -323,13 +324,6 @@ def resolve(data) -> Toolset | None:
 
 # --- The chat template that carries them ----------------------------------------------------------------------------
 
-# Templates TRL knows how to parse tool calls from (trl/chat_template_utils.py, add_response_schema), by file
-KNOWN_TEMPLATES = {
-    "llama3_1.jinja": "Llama 3.1", "llama3_2.jinja": "Llama 3.2", "qwen2_5.jinja": "Qwen2.5", "qwen3.jinja": "Qwen3",
-    "qwen3_instruct_2507.jinja": "Qwen3 Instruct 2507", "qwen3_5_nothink.jinja": "Qwen3.5", "qwen3_6.jinja": "Qwen3.6",
-    "qwen3_5_think.jinja": "Qwen3.5 thinking", "qwen3_8.jinja": "Qwen3.8", "gptoss.jinja": "gpt-oss",
-    "glm4moe.jinja": "GLM-4.5", "deepseek_r1_distill.jinja": "DeepSeek-R1 distill",
-}  # fmt: skip
 CHATML_STAND_IN = "qwen2_5.jinja"  # Qwen2.5's tool template over the same <|im_start|> tokens
 
 
@@ -339,29 +333,61 @@ def _trl_template(name: str) -> str:
     return (Path(trl.__file__).parent / "chat_templates" / name).read_text()
 
 
-def carry_tools(tokenizer, model_name: str) -> str:
-    """Give ``tokenizer`` a chat template that carries tools and the parser TRL reads their calls with; returns
-    the line that says which. A ChatML model whose own template drops tools (the embedded SmolLM2) gets
-    Qwen2.5's tool template over the same tokens. A template TRL cannot parse calls from is refused in one line."""
-    from trl.chat_template_utils import add_response_schema, is_chat_template_prefix_preserving, supports_tool_calling
+def _template_name(template: str | None) -> str | None:
+    """Which of TRL's stock chat templates ``template`` is, by file name; None if none."""
+    import trl
+
+    folder = Path(trl.__file__).parent / "chat_templates"
+    return next((p.name for p in sorted(folder.glob("*.jinja")) if p.read_text() == template), None)
+
+
+def carry_tools(tokenizer, model_name: str) -> tuple[str, str | None]:
+    """Give ``tokenizer`` a chat template that carries tools and the parser TRL reads their calls with (TRL's
+    ``add_response_schema``, which knows the Llama 3.1/3.2 and Qwen2.5/3 families among others). A ChatML model
+    whose own template drops tools (the embedded SmolLM2) gets Qwen2.5's tool template over the same tokens. A
+    template TRL cannot parse calls from is refused in one line. Returns the line that says which template and
+    parser, and the prefix-preserving template TRL renders multi-turn rollouts with where the model's own is not
+    (None where it is)."""
+    from trl.chat_template_utils import (
+        add_response_schema,
+        get_training_chat_template,
+        is_chat_template_prefix_preserving,
+        supports_tool_calling,
+    )
 
     own = tokenizer.chat_template
-    template = next((label for name, label in KNOWN_TEMPLATES.items() if own == _trl_template(name)), None)
-    if template is None and "<|im_start|>" in (own or "") and "<|im_start|>" in tokenizer.get_vocab():
+    template = _template_name(own)
+    if template is not None and supports_tool_calling(tokenizer):
+        try:
+            add_response_schema(tokenizer)
+        except ValueError:
+            template = None
+    elif "<|im_start|>" in (own or "") and "<|im_start|>" in tokenizer.get_vocab():
         tokenizer.chat_template = _trl_template(CHATML_STAND_IN)
-        template = f"Qwen2.5's tool template over {model_name}'s ChatML tokens"
-    if template is None or not supports_tool_calling(tokenizer):
+        add_response_schema(tokenizer)
+        template = f"qwen2_5.jinja over {model_name}'s ChatML tokens"
+    else:
+        template = None
+    if template is None:
         tokenizer.chat_template = own
-        known = ", ".join(sorted(set(KNOWN_TEMPLATES.values()) - {"gpt-oss", "GLM-4.5"}))
         raise GrpoError(
             f"{model_name}'s chat template cannot carry tool calls that TRL can parse: use a model with the stock "
-            f"template of {known}, or a ChatML model"
+            "template of Llama 3.1/3.2, Qwen2.5, Qwen3 or another that trl/chat_template_utils.py knows, or a "
+            "ChatML model"
         )
-    add_response_schema(tokenizer)
+    rollout = None
     if not is_chat_template_prefix_preserving(tokenizer):
-        raise GrpoError(f"{model_name}'s chat template rewrites earlier turns once a tool answers: TRL needs it not to")
+        try:
+            rollout = get_training_chat_template(tokenizer)
+        except ValueError:
+            tokenizer.chat_template = own
+            raise GrpoError(
+                f"{model_name}'s chat template rewrites earlier turns once a tool answers, and TRL has no "
+                "prefix-preserving version of it: use a model whose template TRL knows"
+            ) from None
+        template += f" (rollouts rendered with TRL's prefix-preserving {_template_name(rollout) or 'version'})"
     parser = "<tool_call> JSON" if "<tool_call>" in tokenizer.chat_template else "the template's own tool-call syntax"
-    return f"Tools: chat template {template}; calls parsed by TRL's response template ({parser})"
+    return f"Tools: chat template {template}; calls parsed by TRL's response template ({parser})", rollout
 
 
 def check_template(model_name: str) -> str:
@@ -371,4 +397,4 @@ def check_template(model_name: str) -> str:
     from grpo_cli.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
-    return carry_tools(tokenizer, model_name)
+    return carry_tools(tokenizer, model_name)[0]

@@ -35,7 +35,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     model, tokenizer = models.load_model(settings.model, plan)
     plan = models.as_loaded(model, plan)
     if toolset:  # the template that renders the tools and the parser TRL reads the model's calls with
-        toolset.template = tools.carry_tools(tokenizer, settings.model.model)
+        toolset.template, toolset.rollout_template = tools.carry_tools(tokenizer, settings.model.model)
         print(toolset.template)
     manifest = run_manifest(settings, plan, model, tokenizer, toolset)
     model = models.add_lora(model, settings.model, plan)

@@ -1,0 +1,466 @@
+"""Tools and environments: checked before any model loads, run so that none ends a run, carried by chat templates
+TRL parses, and the tool loop that infer, eval and the dry run share with training."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from grpo_cli import tools
+from grpo_cli.config import DataSettings
+from grpo_cli.errors import GrpoError
+from grpo_cli.generate import Sampling, converse, run_tool_calls, transcript
+
+# --- the built-in calculator ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "expression, value",
+    [("123 * 456", "56088"), ("(17 + 25) * 3 - 4", "122"), ("10 / 4", "2.5"), ("9 / 3", "3"), ("2 ** 10", "1024"),
+     ("-7 // 2", "-4"), ("17 % 5", "2"), ("1,234 + 1", "1235"), ("3 × 4", "12"), ("2^8", "256"), ("0.1 + 0.2", "0.3")],
+)  # fmt: skip
+def test_calculator_evaluates_arithmetic_exactly(expression, value):
+    assert tools.calculator(expression) == value
+
+
+@pytest.mark.parametrize(
+    "expression, message",
+    [("__import__('os').system('true')", "only numbers"), ("abs(-1)", "only numbers"), ("x + 1", "only numbers"),
+     ("'a' * 3", "only numbers"), ("1 / 0", "division by zero"), ("9 ** 9 ** 9", "power is too large"),
+     ("10 ** 40 * 10 ** 40", "too large"), ("2 +", "is not an arithmetic expression")],
+)  # fmt: skip
+def test_calculator_refuses_anything_but_arithmetic(expression, message):
+    with pytest.raises(ValueError, match=message):
+        tools.calculator(expression)
+
+
+# --- loading and checking -------------------------------------------------------------------------------------------
+
+GOOD = '''
+def add(a: int, b: int) -> int:
+    """Add two numbers.
+
+    Args:
+        a: The first number.
+        b: The second number.
+    """
+    return a + b
+'''
+
+
+@pytest.mark.parametrize(
+    "source, spec, message",
+    [
+        ("def f(a: int):\n    return a\n", "f", r"tool .*:f: .*Google-style docstring"),
+        ('def f(a):\n    """Do.\n\n    Args:\n        a: A.\n    """\n', "f", r"tool .*:f: .*type hint"),
+        ('def f(a: int):\n    """Do."""\n', "f", r"tool .*:f: .*a line per argument under Args"),
+        ("class F:\n    pass\n", "F", r"is a class: give a function, or pass the class as --environment"),
+        ("f = 3\n", "f", r"is not a callable"),
+        (GOOD, "adds", r"has no 'adds': did you mean add\?"),
+        (
+            "import nothing_here\n",
+            "f",
+            r"failed to import \(ModuleNotFoundError: No module named 'nothing_here'\): fix it",
+        ),
+    ],
+)
+def test_a_bad_tool_is_one_line(tmp_path, source, spec, message):
+    (tmp_path / "t.py").write_text(source)
+    with pytest.raises(GrpoError, match=message) as caught:
+        tools.load_tool(f"{tmp_path / 't.py'}:{spec}")
+    assert "\n" not in str(caught.value)
+
+
+def test_tool_names_that_are_not_there_are_one_line(tmp_path):
+    with pytest.raises(GrpoError, match=r"not a built-in tool \(calculator, python\)"):
+        tools.load_tool("calculater")
+    with pytest.raises(GrpoError, match="does not exist"):
+        tools.load_tool(f"{tmp_path}/missing.py:f")
+    with pytest.raises(GrpoError, match="two tools are named 'add'"):
+        (tmp_path / "t.py").write_text(GOOD)
+        tools.resolve(DataSettings(tools=[f"{tmp_path}/t.py:add", f"{tmp_path}/t.py:add"]))
+
+
+ENVIRONMENTS = '''
+class Counter:
+    def reset(self, **row):
+        self.total = int(row.get("start", 0))
+        return f" (the counter starts at {self.total})"
+
+    def increment(self, step: int) -> str:
+        """Add to the counter.
+
+        Args:
+            step: How much to add.
+        """
+        self.total += step
+        return str(self.total)
+
+    def hang(self) -> str:
+        """Never return."""
+        while True:
+            pass
+
+    def leave(self) -> str:
+        """Call exit."""
+        raise SystemExit(3)
+
+    def get_reward(self, **kwargs) -> float:
+        return float(self.total)
+
+
+class NoReset:
+    def go(self) -> str:
+        """Go."""
+
+
+class Undescribed:
+    def reset(self, **row):
+        pass
+
+    def go(self, where):
+        return where
+'''
+
+
+@pytest.fixture
+def environments(tmp_path):
+    (tmp_path / "envs.py").write_text(ENVIRONMENTS + GOOD)
+    return tmp_path / "envs.py"
+
+
+def test_an_environment_must_reset_and_describe_its_methods(environments):
+    with pytest.raises(GrpoError, match=r"NoReset has no reset\(\): add `def reset\(self, \*\*row\)`"):
+        tools.load_environment(f"{environments}:NoReset")
+    with pytest.raises(GrpoError, match=r"Undescribed, method go: .*type hint"):
+        tools.load_environment(f"{environments}:Undescribed")
+    with pytest.raises(GrpoError, match=r"environment .*:add is not a class"):
+        tools.load_environment(f"{environments}:add")
+
+
+def test_a_bad_tool_stops_train_in_one_line_before_anything_is_written(tmp_path):
+    (tmp_path / "t.py").write_text("def f(a: int):\n    return a\n")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo_cli", "train", "--tool", f"{tmp_path}/t.py:f", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Google-style docstring" in result.stderr
+    assert not out.exists()
+
+
+# --- running: no tool ends a run ------------------------------------------------------------------------------------
+
+FLAKY = '''
+import os, time
+
+
+def boom(x: int) -> str:
+    """Raise.
+
+    Args:
+        x: Anything.
+    """
+    raise KeyError(x)
+
+
+def sleepy(seconds: float) -> str:
+    """Sleep.
+
+    Args:
+        seconds: How long.
+    """
+    time.sleep(seconds)
+    return "awake"
+
+
+def quits(status: int) -> str:
+    """Leave the process.
+
+    Args:
+        status: The exit status.
+    """
+    os._exit(status)
+
+
+def crashes() -> str:
+    """Kill the process."""
+    os.kill(os.getpid(), 9)
+
+
+def chatty(word: str) -> list:
+    """Print, then answer in content parts.
+
+    Args:
+        word: What to say.
+    """
+    print("noise on stdout")
+    return [{"type": "text", "text": word}]
+'''
+
+
+@pytest.fixture
+def flaky(tmp_path):
+    (tmp_path / "flaky.py").write_text(FLAKY + GOOD)
+    specs = [f"{tmp_path}/flaky.py:{name}" for name in ("boom", "sleepy", "quits", "crashes", "chatty", "add")]
+    return tools.resolve(DataSettings(tools=specs, tool_timeout=1.0))
+
+
+def test_a_tool_that_raises_hangs_exits_or_crashes_is_an_error_the_model_reads(flaky, capfd):
+    called = {t.__name__: t for t in flaky.tools}
+    assert called["add"](a=2, b=3) == "5"
+    with pytest.raises(RuntimeError, match="KeyError: 7"):
+        called["boom"](x=7)
+    start = time.monotonic()
+    with pytest.raises(tools.ToolTimeout, match="ran past 1s and was stopped"):
+        called["sleepy"](seconds=60)
+    assert time.monotonic() - start < 5
+    with pytest.raises(RuntimeError, match="exited with status 3 before returning"):
+        called["quits"](status=3)
+    with pytest.raises(RuntimeError, match="was killed by signal 9"):
+        called["crashes"]()
+    assert called["chatty"](word="hi") == [{"type": "text", "text": "hi"}]
+    assert "noise" not in capfd.readouterr().out  # the tool's printing never reaches the progress display
+
+
+def test_failures_are_counted_and_the_turn_goes_on(flaky):
+    named = {t.__name__: t for t in flaky.tools}
+    calls = [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}},
+        {"type": "function", "function": {"name": "boom", "arguments": {"x": 1}}},
+        {"type": "function", "function": {"name": "nowhere", "arguments": {}}},
+        {"type": "function", "function": {"name": "sleepy", "arguments": {"seconds": 30}}},
+    ]
+    messages, failures = run_tool_calls(calls, named)
+    assert failures == 3
+    assert [m["content"] for m in messages] == [
+        "3", "{'error': 'KeyError: 1'}", "{'error': 'Tool nowhere not found.'}",
+        "{'error': 'the tool ran past 1s and was stopped'}",
+    ]  # fmt: skip
+
+
+def test_the_wrapped_tools_describe_themselves_as_the_users_own(flaky, environments):
+    from transformers.utils import get_json_schema
+
+    assert get_json_schema(flaky.tools[-1])["function"]["name"] == "add"
+    assert get_json_schema(flaky.tools[-1]) == get_json_schema(tools.load_tool(flaky.names[-1]))
+    cls = tools.load_environment(f"{environments}:Counter")
+    guarded = tools.guarded_environment(cls, 1.0)
+    assert guarded.__name__ == "Counter"
+    assert get_json_schema(guarded.increment) == get_json_schema(cls.increment)
+
+
+def test_an_environment_keeps_its_state_and_its_hangs_are_stopped(environments):
+    toolset = tools.resolve(DataSettings(environment=f"{environments}:Counter", tool_timeout=1.0))
+    assert toolset.environment_factory.__name__ == "Counter"
+    named, environment, observation = toolset.for_row({"start": 5})
+    assert observation == " (the counter starts at 5)" and set(named) == {"increment", "hang", "leave"}
+    assert named["increment"](step=2) == "7" and named["increment"](step=3) == "10"
+    assert environment.get_reward() == 10.0
+    with pytest.raises(tools.ToolTimeout):
+        named["hang"]()
+    with pytest.raises(RuntimeError, match=r"called exit\(3\)"):
+        named["leave"]()
+    assert named["increment"](step=1) == "11"  # still there after both
+
+
+def test_the_data_column_picks_the_environment(environments):
+    data = DataSettings(environment={"count": f"{environments}:Counter"})
+    toolset = tools.resolve(data)
+    assert toolset.environment_factory.keys() == {"count"}
+    named, _, _ = toolset.for_row({"environment": "count", "start": 1})
+    assert named["increment"](step=1) == "2"
+    with pytest.raises(GrpoError, match=r"a row names environment 'other'"):
+        toolset.for_row({"environment": "other"})
+
+
+def test_recipe_keys_are_checked():
+    from grpo_cli.config import Settings, validate
+
+    for bad, message in [
+        ({"max_tool_calling_iterations": 0}, "max_tool_calling_iterations must be a positive integer, got 0"),
+        ({"tool_timeout": -1.0}, "tool_timeout must be a positive number of seconds"),
+        ({"environment": {"math": 3}}, "give each name a file.py:Class"),
+    ]:
+        with pytest.raises(GrpoError, match=message):
+            validate(Settings(data=DataSettings(tools=["calculator"], **bad)))
+
+
+# --- chat templates that carry tools -------------------------------------------------------------------------------
+
+LLAMA_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>"]
+CALL = {"type": "function", "function": {"name": "calculator", "arguments": {"expression": "6*7"}}}
+
+
+def embedded_tokenizer():
+    from transformers import AutoTokenizer
+
+    from grpo_cli.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+def parsed_back(tokenizer, rollout):
+    """Render a tool call with the template, then parse the rendered text back as TRL does."""
+    from trl.chat_template_utils import parse_response
+
+    prompt = [{"role": "user", "content": "What is 6*7?"}]
+    before = tokenizer.apply_chat_template(
+        prompt, tools=[tools.calculator], add_generation_prompt=True, tokenize=False, chat_template=rollout
+    )
+    after = tokenizer.apply_chat_template(
+        prompt + [{"role": "assistant", "content": "", "tool_calls": [CALL]}],
+        tools=[tools.calculator],
+        tokenize=False,
+        chat_template=rollout,
+    )
+    assert after.startswith(before)
+    ids = tokenizer(after[len(before) :], add_special_tokens=False)["input_ids"]
+    return parse_response(tokenizer, ids, prefix=tokenizer(before, add_special_tokens=False)["input_ids"])
+
+
+def test_the_embedded_model_carries_tools_with_qwens_template_over_its_chatml():
+    tokenizer = embedded_tokenizer()
+    line, rollout = tools.carry_tools(tokenizer, "smollm2-135m")
+    assert line == (
+        "Tools: chat template qwen2_5.jinja over smollm2-135m's ChatML tokens; "
+        "calls parsed by TRL's response template (<tool_call> JSON)"
+    )
+    assert rollout is None and "<tool_call>" in tokenizer.chat_template
+    assert parsed_back(tokenizer, rollout)["tool_calls"] == [CALL]
+
+
+@pytest.mark.parametrize(
+    "template, said",
+    [("llama3_1.jinja", "chat template llama3_1.jinja;"), ("llama3_2.jinja", "chat template llama3_2.jinja;"),
+     ("qwen2_5.jinja", "chat template qwen2_5.jinja;"),
+     ("qwen3.jinja", "qwen3.jinja (rollouts rendered with TRL's prefix-preserving qwen3_training.jinja)")],
+)  # fmt: skip
+def test_llama_and_qwen_templates_carry_tools_that_trl_parses_back(template, said):
+    tokenizer = embedded_tokenizer()
+    if template.startswith("llama"):
+        tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_TOKENS})
+    tokenizer.chat_template = tools._trl_template(template)
+    line, rollout = tools.carry_tools(tokenizer, template)
+    assert said in line
+    assert parsed_back(tokenizer, rollout)["tool_calls"] == [CALL]
+
+
+def test_a_template_without_tools_is_refused_in_one_line():
+    tokenizer = embedded_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_TOKENS})
+    tokenizer.chat_template = own = tools._trl_template("llama3.jinja")  # Llama 3's drops tool calls
+    with pytest.raises(GrpoError, match="cannot carry tool calls that TRL can parse") as caught:
+        tools.carry_tools(tokenizer, "llama-3-8b")
+    assert "\n" not in str(caught.value) and tokenizer.chat_template == own
+
+
+# --- the loop infer, eval and the dry run share with training -------------------------------------------------------
+
+
+def scripted(*turns):
+    """An engine's generate that answers each round with the next scripted text for every row."""
+    rounds = iter(turns)
+    seen = []
+
+    def generate(texts, sampling):
+        seen.append(texts)
+        turn = next(rounds)
+        return [turn] * len(texts)
+
+    generate.seen = seen
+    return generate
+
+
+def call_text(name, **arguments):
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    tokenizer = embedded_tokenizer()
+    tools.carry_tools(tokenizer, "smollm2-135m")
+    return tokenizer
+
+
+PROMPT = [[{"role": "system", "content": "Use the calculator."}, {"role": "user", "content": "What is 6*7?"}]]
+
+
+def test_converse_calls_the_tool_then_answers(chatml):
+    toolset = tools.resolve(DataSettings(tools=["calculator"]))
+    generate = scripted(call_text("calculator", expression="6*7"), "<answer>42</answer>")
+    (conversation,) = converse(generate, chatml, PROMPT, Sampling(max_tokens=200), toolset)
+    assert (conversation.calls, conversation.failures, conversation.text) == (1, 0, "<answer>42</answer>")
+    assert [m["role"] for m in conversation.messages] == ["assistant", "tool", "assistant"]
+    assert transcript(conversation) == "-> calculator(expression='6*7')\n<- 42\n<answer>42</answer>"
+    second = generate.seen[1][0]  # the tool's result goes back in the template's own words, with the schema
+    assert second.endswith("<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert '"name": "calculator"' in second and second.startswith(generate.seen[0][0])
+
+
+def test_converse_stops_at_max_iterations_and_counts_failures(chatml):
+    toolset = tools.resolve(DataSettings(tools=["calculator"], max_tool_calling_iterations=2))
+    generate = scripted(call_text("calculator", expression="1/0"), call_text("abacus", x=1), call_text("calculator"))
+    (conversation,) = converse(generate, chatml, PROMPT, Sampling(max_tokens=400), toolset)
+    assert len(generate.seen) == 3  # two rounds of calls run, the third round's call is left as said
+    assert (conversation.calls, conversation.failures) == (2, 2)
+    results = [m["content"] for m in conversation.messages if m["role"] == "tool"]
+    assert results == ["{'error': 'division by zero'}", "{'error': 'Tool abacus not found.'}"]
+
+
+def test_converse_takes_back_a_round_that_passes_the_token_budget(chatml):
+    def long_tool(n: int) -> str:
+        """Return many words.
+
+        Args:
+            n: How many.
+        """
+        return "word " * n
+
+    toolset = tools.Toolset(["long_tool"], [long_tool], None, 3, None)
+    generate = scripted(call_text("long_tool", n=500), "never asked")
+    (conversation,) = converse(generate, chatml, PROMPT, Sampling(max_tokens=100), toolset)
+    assert len(generate.seen) == 1 and conversation.calls == 1
+    assert [m["role"] for m in conversation.messages] == ["assistant"]  # the result was taken back, as TRL does
+
+
+def test_converse_with_an_environment_resets_it_per_row_and_keeps_it(chatml, environments):
+    toolset = tools.resolve(DataSettings(environment=f"{environments}:Counter"))
+    generate = scripted(call_text("increment", step=4), "done")
+    rows = [{"start": 1}, {"start": 10}]
+    conversations = converse(generate, chatml, PROMPT * 2, Sampling(max_tokens=200), toolset, rows)
+    assert [c.environment.get_reward() for c in conversations] == [5.0, 14.0]
+    assert "(the counter starts at 10)" in generate.seen[0][1]
+    assert '"name": "increment"' in generate.seen[0][0]
+
+
+def test_rewards_read_the_final_answer_of_a_tool_conversation(chatml):
+    from rewards import REWARDS
+
+    toolset = tools.resolve(DataSettings(tools=["calculator"]))
+    generate = scripted(call_text("calculator", expression="6*7"), "<answer>42</answer>")
+    (conversation,) = converse(generate, chatml, PROMPT, Sampling(max_tokens=200), toolset)
+    scores = REWARDS["numeric_correctness"](prompts=PROMPT, completions=[conversation.messages], answer=["42"])
+    assert scores == [2.0]
+
+
+def test_without_tools_the_loop_is_one_plain_generation(chatml):
+    generate = scripted("<answer>42</answer>")
+    (conversation,) = converse(generate, chatml, PROMPT, Sampling())
+    assert conversation.text == "<answer>42</answer>" and conversation.calls == 0
+    assert "<tools>" not in generate.seen[0][0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="tools run in a forked child")
+def test_the_builtin_python_tool_runs_in_the_sandbox():
+    from grpo_cli import sandbox
+
+    if sandbox.current().problem:
+        pytest.skip(f"no sandbox here: {sandbox.current().problem}")
+    assert tools.python("print(6 * 7)") == "42"
+    assert "ZeroDivisionError" in tools.python("1 / 0")
