@@ -282,7 +282,8 @@ def infer(
     with contextlib.redirect_stdout(sys.stderr):  # libraries print while loading: keep stdout for answers
         pair = Pair(model, lora, toolset=toolset)
         print(pair.plan.line())
-        messages = pair.messages(prompts, system_prompt)
+        template = pair.manifest.get("settings", {}).get("data", {}).get("question_template", "{question}")
+        messages = pair.messages([template.replace("{question}", p) for p in prompts], system_prompt)
         sampling = Sampling(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         base = [transcript(c) for c in pair.answer(messages, sampling, adapter=False)]
         tuned = [transcript(c) for c in pair.answer(messages, sampling, adapter=True)] if lora else None
@@ -348,6 +349,7 @@ def evaluate(
         question_field=question_field,
         answer_field=answer_field,
         system_prompt=manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
+        question_template=trained.get("data", {}).get("question_template", "{question}"),
         limit=limit,
     )
     code = bool(code_columns(load_examples(data)[0]))

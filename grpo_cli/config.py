@@ -70,6 +70,7 @@ class DataSettings:
     question_field: str = "question"
     answer_field: str = "answer"
     system_prompt: str = SYSTEM_PROMPT
+    question_template: str = "{question}"  # the user message around each question, e.g. a worked example first
     max_prompt_length: int = 256
     rewards: list[str] = field(
         default_factory=lambda: ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]
@@ -355,6 +356,8 @@ def validate(s: Settings) -> None:
         raise GrpoError(
             f"reward_timeout must be a positive number of seconds, got {d.reward_timeout}: the default is 60"
         )
+    if "{question}" not in d.question_template:
+        raise GrpoError("question_template has no {question}: write where the question goes, as 'Q: {question}'")
     if d.max_tool_calling_iterations is None or d.max_tool_calling_iterations < 1:
         raise GrpoError(
             f"max_tool_calling_iterations must be a positive integer, got {d.max_tool_calling_iterations}: try 3"

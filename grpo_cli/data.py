@@ -10,6 +10,7 @@ from grpo_cli.config import DataSettings
 from grpo_cli.errors import GrpoError
 
 GENERATED = "arithmetic"
+BIG = "big-arithmetic"  # the same stories over 3- and 4-digit numbers: a calculator's work (the tools recipe)
 HELD_OUT = 200  # the first problems of the seeded stream: the test split, never trained on
 
 _NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
@@ -30,16 +31,31 @@ def _problem(rng: random.Random) -> tuple[str, int]:
     return f"{name} has {a} bags with {b} {thing} in each bag. How many {thing} are there in all?", a * b
 
 
-def arithmetic_problems(split: str, count: int = 2000, seed: int = 0) -> list[dict]:
-    """Seeded one-step word problems with integer answers; ``test`` is disjoint from ``train``.
+def _big_problem(rng: random.Random) -> tuple[str, int]:
+    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
+    kind = rng.choice("+-*")
+    if kind == "+":
+        a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
+        return f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b
+    if kind == "-":
+        a = rng.randint(2000, 9999)
+        b = rng.randint(100, a - 1000)
+        return f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b
+    a, b = rng.randint(12, 99), rng.randint(102, 999)
+    return f"{name} has {a} bags with {b} {thing} in each bag. How many {thing} are there in all?", a * b
 
-    >>> arithmetic_problems("test", 1)[0]["answer"].isdigit()
-    True
+
+def arithmetic_problems(split: str, count: int = 2000, seed: int = 0, big: bool = False) -> list[dict]:
+    """Seeded one-step word problems with integer answers; ``test`` is disjoint from ``train``. ``big``: over
+    3- and 4-digit numbers.
+
+    >>> arithmetic_problems("test", 1)[0]["answer"].isdigit(), int(arithmetic_problems("test", big=True)[0]["answer"]) > 999
+    (True, True)
     """
     rng, seen, rows = random.Random(seed), set(), []
     wanted = HELD_OUT if split == "test" else HELD_OUT + count
     while len(rows) < wanted:
-        question, answer = _problem(rng)
+        question, answer = (_big_problem if big else _problem)(rng)
         if question not in seen:
             seen.add(question)
             rows.append({"question": question, "answer": str(answer)})
@@ -411,8 +427,8 @@ def raw_rows(settings: DataSettings) -> list[dict]:
     id (``gsm8k`` is openai/gsm8k, ``mbpp`` google-research-datasets/mbpp), a dataset folder, or data files; through
     ``datasets`` for all but the generated ones and humaneval."""
     name, config = settings.dataset, settings.dataset_config
-    if name == GENERATED:
-        return arithmetic_problems(settings.split)
+    if name in (GENERATED, BIG):
+        return arithmetic_problems(settings.split, big=name == BIG)
     if name == FUNCTIONS:
         return function_tasks(settings.split)
     if name == "humaneval":
@@ -499,7 +515,8 @@ def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], i
             messages = _messages(row.get("prompt"), name, i)
             prompt = messages if any(m["role"] == "system" for m in messages) else system + messages
         else:
-            prompt = system + [{"role": "user", "content": _text(row.get(q), name, i, q)}]
+            question = settings.question_template.replace("{question}", _text(row.get(q), name, i, q))
+            prompt = system + [{"role": "user", "content": question}]
         examples.append({"prompt": prompt, "answer": answer, **{c: row.get(c) for c in extras}})
     return examples, dropped
 

@@ -45,7 +45,10 @@ def append_metrics(output_dir: Path, row: dict) -> None:
 
 
 def append_samples(output_dir: Path, step: int, logs: dict, count: int = 4) -> None:
-    """A few prompt/completion/reward rows of the latest generation batch (TRL keeps them in ``_logs``)."""
+    """A few prompt/completion/reward rows of the latest generation batch (TRL keeps them in ``_logs``); a tool
+    conversation as its transcript (calls, results, answer)."""
+    from grpo_cli.generate import Conversation, transcript
+
     prompts, completions = list(logs.get("prompt", [])), list(logs.get("completion", []))
     rewards = {name: list(values) for name, values in logs.get("rewards", {}).items()}
     with (Path(output_dir) / SAMPLES).open("a") as f:
@@ -54,7 +57,7 @@ def append_samples(output_dir: Path, step: int, logs: dict, count: int = 4) -> N
             f.write(json.dumps({
                 "step": step,
                 "prompt": prompt[-1]["content"] if isinstance(prompt, list) else prompt,
-                "completion": completion[-1]["content"] if isinstance(completion, list) else completion,
+                "completion": transcript(Conversation(completion)) if isinstance(completion, list) else completion,
                 "rewards": {name: values[i] for name, values in rewards.items() if i < len(values)},
             }) + "\n")  # fmt: skip
 

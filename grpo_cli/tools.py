@@ -52,10 +52,7 @@ def calculator(expression: str) -> str:
 
     Args:
         expression: The arithmetic to evaluate, with numbers, + - * / // % ** and parentheses, as 123 * (45 + 6).
-
-    >>> calculator("123 * (45 + 6)"), calculator("7 / 2"), calculator("2 ** 10")
-    ('6273', '3.5', '1024')
-    """
+    """  # no doctest here: the whole docstring is what the model reads (tests/test_tools.py has the examples)
     try:
         tree = ast.parse(str(expression).strip().replace("^", "**").replace("×", "*").replace(",", ""), mode="eval")
     except SyntaxError:
@@ -355,19 +352,17 @@ def carry_tools(tokenizer, model_name: str) -> tuple[str, str | None]:
         supports_tool_calling,
     )
 
-    own = tokenizer.chat_template
-    template = _template_name(own)
-    if template is not None and supports_tool_calling(tokenizer):
-        try:
+    own, template = tokenizer.chat_template, None
+    if own and supports_tool_calling(tokenizer):
+        try:  # TRL's match (and, once Unsloth is imported, its match of its fixed copies of the same templates)
             add_response_schema(tokenizer)
+            template = _template_name(own) or f"{model_name}'s own"
         except ValueError:
-            template = None
-    elif "<|im_start|>" in (own or "") and "<|im_start|>" in tokenizer.get_vocab():
+            pass
+    if template is None and "<|im_start|>" in (own or "") and "<|im_start|>" in tokenizer.get_vocab():
         tokenizer.chat_template = _trl_template(CHATML_STAND_IN)
         add_response_schema(tokenizer)
         template = f"qwen2_5.jinja over {model_name}'s ChatML tokens"
-    else:
-        template = None
     if template is None:
         tokenizer.chat_template = own
         raise GrpoError(
@@ -390,6 +385,29 @@ def carry_tools(tokenizer, model_name: str) -> tuple[str, str | None]:
     return f"Tools: chat template {template}; calls parsed by TRL's response template ({parser})", rollout
 
 
+UNSLOTH_TEMPLATES = "models/_trl_tool_templates.py"  # Unsloth's matching of its fixed templates to TRL's
+
+
+def _as_unsloth_matches(tokenizer):
+    """The tokenizer with the TRL-known template that renders its own identically, as Unsloth matches them once
+    loaded (its fixed copies of hub templates, e.g. unsloth/Meta-Llama-3.1-8B-Instruct's, differ from TRL's by a
+    character). Read from Unsloth's module by file: importing unsloth itself sets up its GPU machinery."""
+    import importlib.machinery
+    import importlib.util
+
+    spec = importlib.machinery.PathFinder.find_spec("unsloth")
+    path = Path(spec.submodule_search_locations[0]) / UNSLOTH_TEMPLATES if spec else None
+    if path is None or not path.is_file():
+        return tokenizer
+    try:
+        loaded = importlib.util.spec_from_file_location("grpo_unsloth_tool_templates", path)
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+        return module.with_trl_known_chat_template(tokenizer)
+    except Exception:  # noqa: BLE001 - a later Unsloth that moved it: TRL's own matching decides
+        return tokenizer
+
+
 def check_template(model_name: str) -> str:
     """``carry_tools`` on the model's tokenizer alone, before any weights load; the line it says."""
     from transformers import AutoTokenizer
@@ -397,4 +415,4 @@ def check_template(model_name: str) -> str:
     from grpo_cli.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
-    return carry_tools(tokenizer, model_name)[0]
+    return carry_tools(_as_unsloth_matches(tokenizer), model_name)[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from grpo_cli.errors import GrpoError
 from rewards.code import code_block_reward, code_io_reward, code_tests_reward
-from rewards.format import answer_tag_reward, numbers_used_reward
+from rewards.format import answer_tag_reward, numbers_used_reward, tool_use_reward
 from rewards.numeric import numeric_correctness_reward
 from rewards.reference import (
     completion_text,
@@ -32,6 +32,7 @@ REWARDS = {
     "numeric_correctness": numeric_correctness_reward,
     "answer_tag": answer_tag_reward,
     "numbers_used": numbers_used_reward,
+    "tool_use": tool_use_reward,
     "code_tests": code_tests_reward,
     "code_io": code_io_reward,
     "code_block": code_block_reward,

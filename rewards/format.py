@@ -40,3 +40,25 @@ def numbers_used_reward(prompts, completions, **kwargs) -> list[float]:
         used = set(NUMBER.findall(completion_text(completion)))
         scores.append(len(wanted & used) / len(wanted) if wanted else 0.0)
     return scores
+
+
+def tool_use_reward(completions, **kwargs) -> list[float]:
+    """0.25 when the completion makes a well-formed tool call, 0.25 more when every call came back with a result
+    rather than an error (a call the model talks past, so that no room is left for the result, earns the first
+    part only); 0 for a completion without calls. It leads a small model to call the tools it is offered, and to
+    stop and wait for the result.
+
+    >>> call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}
+    >>> answered = [call, {"role": "tool", "content": "42"}, {"role": "assistant", "content": "<answer>42</answer>"}]
+    >>> failed = [call, {"role": "tool", "content": "{'error': 'division by zero'}"}]
+    >>> tool_use_reward([answered, failed, [call], [{"role": "assistant", "content": "42"}], "42"])
+    [0.5, 0.25, 0.25, 0.0, 0.0]
+    """
+    scores = []
+    for c in completions:
+        messages = c if isinstance(c, list) else []
+        called = any(m.get("tool_calls") for m in messages if m.get("role", "assistant") == "assistant")
+        results = [m.get("content") for m in messages if m.get("role") == "tool"]
+        failed = any(isinstance(r, str) and r.startswith("{'error': ") for r in results)
+        scores.append(0.25 * called + 0.25 * (called and bool(results) and not failed))
+    return scores

@@ -180,7 +180,7 @@ def test_the_plain_path_trains_one_adapter_in_the_bases_dtype(tmp_path, monkeypa
     s.train.extra = {"save_strategy": "no"}
     plan = dataclasses.replace(resolve(s, CPU_AVX2), trainer="trl", cpu_paths=False)
     examples = [{"prompt": "w3 w4 w5", "answer": "1"}, {"prompt": "w6 w7", "answer": "2"}]
-    trainer, _ = build_trainer(s, plan, model, tokenizer, [lambda completions, **kw: [1.0] * len(completions)],
+    trainer, _ = build_trainer(s, plan, model, tokenizer, [lambda completions, **kw: [1.0] * len(completions)], None,
                                grpo_config(s, plan), examples, None)  # fmt: skip
     trainer.train()
     assert list(trainer.model.peft_config) == ["default"]  # no "ref" adapter: the reference is the adapter off
