@@ -3,6 +3,7 @@ TRL parses, and the tool loop that infer, eval and the dry run share with traini
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -464,3 +465,57 @@ def test_the_builtin_python_tool_runs_in_the_sandbox():
         pytest.skip(f"no sandbox here: {sandbox.current().problem}")
     assert tools.python("print(6 * 7)") == "42"
     assert "ZeroDivisionError" in tools.python("1 / 0")
+
+
+def test_question_template_wraps_each_question_and_must_name_it(write_jsonl):
+    from grpo_cli.config import Settings, validate
+    from grpo_cli.data import load_examples
+
+    data = DataSettings(
+        dataset=str(write_jsonl([{"question": "2+2?", "answer": "4"}])), question_template="Q: {question}\nA:"
+    )
+    (example,) = load_examples(data)
+    assert example["prompt"][-1] == {"role": "user", "content": "Q: 2+2?\nA:"}
+    with pytest.raises(GrpoError, match=r"question_template has no \{question\}"):
+        validate(Settings(data=DataSettings(question_template="Q:")))
+
+
+def test_the_builtin_tools_show_the_model_their_arguments_and_nothing_else():
+    from transformers.utils import get_json_schema
+
+    for tool in tools.BUILTIN.values():
+        schema = get_json_schema(tool)["function"]
+        assert ">>>" not in json.dumps(schema) and schema["parameters"]["required"]
+
+
+@pytest.mark.slow
+def test_a_user_tool_and_environment_train_evaluate_and_infer_on_cpu(tmp_path):
+    """The commands for real on the embedded model: two steps with a user tool and a user environment, then eval and
+    infer offering the same tools from the adapter's grpo.json."""
+
+    def grpo(*args):
+        result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True)
+        assert result.returncode == 0, f"grpo {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    out = tmp_path / "out"
+    stdout = grpo(
+        "train", "--config", "recipes/smollm2-135m-tools-cpu.yaml", "--tool", "tests/tool_examples.py:add",
+        "--environment", "tests/tool_examples.py:Tally", "--max-steps", "2", "--num-generations", "4",
+        "--batch-size", "4", "--limit", "8", "--eval-steps", "2", "--eval-limit", "4", "--max-completion-length", "48",
+        "--report-to", "none", "--output-dir", str(out),
+    )  # fmt: skip
+    assert "Tools: chat template qwen2_5.jinja over smollm2-135m's ChatML tokens" in stdout
+    assert re.search(r"step 2/2 \| reward .*\| Tally [\d.]+ .*\| tools [\d.]+/completion, \d+% failed", stdout), stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"tools/call_frequency", "tools/failure_frequency"} <= set(rows[-1])
+    manifest = json.loads((out / "grpo.json").read_text())
+    assert manifest["tools"]["tools"] == ["calculator", "tests/tool_examples.py:add", "tests/tool_examples.py:Tally"]
+    assert "## Tools" in (out / "adapter" / "README.md").read_text()
+
+    grpo("eval", "--lora", str(out / "adapter"), "--limit", "4", "--output-dir", str(tmp_path / "eval"))
+    summary = json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]
+    assert {"tool_calls_per_completion", "tool_use_rate", "tool_failure_rate"} <= set(summary["adapter"])
+    answers = json.loads(grpo("infer", "--lora", str(out / "adapter"), "--prompt", "What is 38 * 417?", "--json",
+                              "--max-tokens", "48"))  # fmt: skip
+    assert set(answers[0]) == {"prompt", "base", "adapter"}
