@@ -125,10 +125,10 @@ def model_card(manifest: dict) -> str:
     reward = manifest.get("last_reward")
     tools = ""
     if manifest.get("tools"):
-        t = manifest["tools"]
+        t, rounds = manifest["tools"], manifest["tools"]["max_tool_calling_iterations"]
         listed = "\n".join(f"- `{name}`" for name in t["tools"])
         tools = (
-            f"\n## Tools\n\nTrained calling these tools, at most {t['max_tool_calling_iterations']} rounds a "
+            f"\n## Tools\n\nTrained calling these tools, at most {rounds} round{'s' * (rounds != 1)} of calls a "
             f"completion ({t.get('template', '')}). `grpo infer --lora ADAPTER_DIR` and `grpo eval` offer them "
             f"again; the prompt must show their schemas, with the same chat template.\n\n{listed}\n"
         )

@@ -379,10 +379,12 @@ def evaluate(
     console = Console()
     console.print(table)
     if tuned:
+        before, _, after = data.question_template.partition("{question}")  # the question alone, not its example
         for key in ("correct", "formatted"):
             for change, b, t in flipped(base, tuned, key):
+                question = b["question"].removeprefix(before).removesuffix(after)
                 console.print(
-                    f"[bold]{change} {key}[/]: {b['question']}\n  base:    {b['completion']!r}\n  adapter: {t['completion']!r}",
+                    f"[bold]{change} {key}[/]: {question}\n  base:    {b['completion']!r}\n  adapter: {t['completion']!r}",
                     highlight=False,
                 )
     console.print(f"Per-prompt results: {output_dir}/eval.json, {output_dir}/eval.csv")

@@ -510,7 +510,7 @@ def test_a_user_tool_and_environment_train_evaluate_and_infer_on_cpu(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"tools/call_frequency", "tools/failure_frequency"} <= set(rows[-1])
     manifest = json.loads((out / "grpo.json").read_text())
-    assert manifest["tools"]["tools"] == ["calculator", "tests/tool_examples.py:add", "tests/tool_examples.py:Tally"]
+    assert manifest["tools"]["tools"] == ["tests/tool_examples.py:add", "tests/tool_examples.py:Tally"]  # flags win
     assert "## Tools" in (out / "adapter" / "README.md").read_text()
 
     grpo("eval", "--lora", str(out / "adapter"), "--limit", "4", "--output-dir", str(tmp_path / "eval"))

@@ -152,3 +152,36 @@ def test_vllm_sees_the_templates_tokens_only(smollm2, unsloth_vllm_model):
     ids = tokenizer([text], add_special_tokens=False)["input_ids"][0]
     (out,) = unsloth_vllm_model.fast_generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1), use_tqdm=False)
     assert out.prompt_token_ids == ids
+
+
+def test_the_tool_loop_runs_on_vllm_as_on_transformers(smollm2, adapter, unsloth_vllm_model):
+    """infer, eval and the held-out evaluation run the tool loop in the engine training generates with: on vLLM,
+    the same rounds, calls and results as transformers gives (greedy), with the calculator really called."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo_cli import tools
+    from grpo_cli.config import DataSettings
+    from grpo_cli.generate import Sampling, TransformersEngine, VLLMEngine, converse
+
+    path, tokenizer = smollm2
+    tokenizer = __import__("copy").deepcopy(tokenizer)
+    tools.carry_tools(tokenizer, "smollm2-135m")
+    toolset = tools.resolve(DataSettings(tools=["calculator"], max_tool_calling_iterations=1))
+    call = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "23 * 417"}}\n</tool_call>'
+    example = f"Example:\nQuestion: Mia has 23 bags with 417 cards in each bag. How many cards?\nAssistant: {call}\n"
+    prompts = [
+        [{"role": "system", "content": "Use the calculator tool."},
+         {"role": "user", "content": example + "Tool: 9591\nAssistant: <answer>9591</answer>\n\nQuestion: " + q}]
+        for q in ("Ava has 38 bags with 417 pens in each bag. How many pens?", "Ben has 5242 coins and gets 9376 more.")
+    ]  # fmt: skip
+    greedy = Sampling(greedy=True, max_tokens=64)
+    hf = TransformersEngine(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, adapter)
+    vllm = VLLMEngine(unsloth_vllm_model, tokenizer, adapter)
+    on_vllm = converse(lambda t, s: vllm.generate(t, s, adapter=False), tokenizer, prompts, greedy, toolset)
+    on_hf = converse(lambda t, s: hf.generate(t, s, adapter=False), tokenizer, prompts, greedy, toolset)
+    assert [c.messages for c in on_vllm] == [c.messages for c in on_hf]
+    assert sum(c.calls for c in on_vllm) >= 1  # the base model calls the calculator from the example
+    for c in on_vllm:
+        results = [m["content"] for m in c.messages if m["role"] == "tool"]
+        for message, result in zip([m for m in c.messages if m.get("tool_calls")], results):
+            assert result == tools.calculator(**message["tool_calls"][0]["function"]["arguments"])
