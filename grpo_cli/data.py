@@ -17,31 +17,18 @@ _NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"
 _THINGS = ["apples", "books", "coins", "marbles", "pens", "shells", "stamps", "stickers"]
 
 
-def _problem(rng: random.Random) -> tuple[str, int]:
+def _problem(rng: random.Random, big: bool = False) -> tuple[str, int]:
     name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
     kind = rng.choice("+-*")
     if kind == "+":
-        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        low, high = (1000, 9999) if big else (2, 30)
+        a, b = rng.randint(low, high), rng.randint(low, high)
         return f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b
     if kind == "-":
-        a = rng.randint(10, 40)
-        b = rng.randint(1, a - 1)
+        a = rng.randint(2000, 9999) if big else rng.randint(10, 40)
+        b = rng.randint(100, a - 1000) if big else rng.randint(1, a - 1)
         return f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
-    return f"{name} has {a} bags with {b} {thing} in each bag. How many {thing} are there in all?", a * b
-
-
-def _big_problem(rng: random.Random) -> tuple[str, int]:
-    name, thing = rng.choice(_NAMES), rng.choice(_THINGS)
-    kind = rng.choice("+-*")
-    if kind == "+":
-        a, b = rng.randint(1000, 9999), rng.randint(1000, 9999)
-        return f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?", a + b
-    if kind == "-":
-        a = rng.randint(2000, 9999)
-        b = rng.randint(100, a - 1000)
-        return f"{name} has {a} {thing} and gives away {b}. How many {thing} are left?", a - b
-    a, b = rng.randint(12, 99), rng.randint(102, 999)
+    a, b = (rng.randint(12, 99), rng.randint(102, 999)) if big else (rng.randint(2, 9), rng.randint(2, 9))
     return f"{name} has {a} bags with {b} {thing} in each bag. How many {thing} are there in all?", a * b
 
 
@@ -55,7 +42,7 @@ def arithmetic_problems(split: str, count: int = 2000, seed: int = 0, big: bool 
     rng, seen, rows = random.Random(seed), set(), []
     wanted = HELD_OUT if split == "test" else HELD_OUT + count
     while len(rows) < wanted:
-        question, answer = (_big_problem if big else _problem)(rng)
+        question, answer = _problem(rng, big)
         if question not in seen:
             seen.add(question)
             rows.append({"question": question, "answer": str(answer)})

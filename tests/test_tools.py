@@ -493,10 +493,7 @@ def test_a_user_tool_and_environment_train_evaluate_and_infer_on_cpu(tmp_path):
     """The commands for real on the embedded model: two steps with a user tool and a user environment, then eval and
     infer offering the same tools from the adapter's grpo.json."""
 
-    def grpo(*args):
-        result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True)
-        assert result.returncode == 0, f"grpo {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
+    from tests.test_integration import grpo
 
     out = tmp_path / "out"
     stdout = grpo(
@@ -504,7 +501,7 @@ def test_a_user_tool_and_environment_train_evaluate_and_infer_on_cpu(tmp_path):
         "--environment", "tests/tool_examples.py:Tally", "--max-steps", "2", "--num-generations", "4",
         "--batch-size", "4", "--limit", "8", "--eval-steps", "2", "--eval-limit", "4", "--max-completion-length", "48",
         "--report-to", "none", "--output-dir", str(out),
-    )  # fmt: skip
+    ).stdout  # fmt: skip
     assert "Tools: chat template qwen2_5.jinja over smollm2-135m's ChatML tokens" in stdout
     assert re.search(r"step 2/2 \| reward .*\| Tally [\d.]+ .*\| tools [\d.]+/completion, \d+% failed", stdout), stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -517,5 +514,5 @@ def test_a_user_tool_and_environment_train_evaluate_and_infer_on_cpu(tmp_path):
     summary = json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]
     assert {"tool_calls_per_completion", "tool_use_rate", "tool_failure_rate"} <= set(summary["adapter"])
     answers = json.loads(grpo("infer", "--lora", str(out / "adapter"), "--prompt", "What is 38 * 417?", "--json",
-                              "--max-tokens", "48"))  # fmt: skip
+                              "--max-tokens", "48").stdout)  # fmt: skip
     assert set(answers[0]) == {"prompt", "base", "adapter"}

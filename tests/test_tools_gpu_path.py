@@ -6,8 +6,6 @@ held-out evaluation) is held to TRL's here too. The end-to-end test at the botto
 import inspect
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -109,18 +107,14 @@ def test_trl_names_the_tool_metrics_the_step_line_reads():
 def test_gpu_train_with_a_tool_logs_calls_and_evaluates_with_it(tmp_path):
     """Two steps with the calculator on the GPU path (Unsloth + vLLM), then eval and infer with the same tool."""
     from tests.test_gpu_path import gpu_model
-
-    def grpo(*args):
-        result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True)
-        assert result.returncode == 0, f"grpo {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
+    from tests.test_integration import grpo
 
     out = tmp_path / "out"
     stdout = grpo(
         "train", "--model", gpu_model(), "--config", "recipes/smollm2-135m-tools-cpu.yaml", "--max-steps", "2",
         "--num-generations", "4", "--batch-size", "4", "--limit", "8", "--eval-limit", "8", "--report-to", "none",
         "--output-dir", str(out),
-    )  # fmt: skip
+    ).stdout  # fmt: skip
     assert "Plan: Unsloth on GPU" in stdout and "Tools: chat template" in stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("tools/call_frequency" in row for row in rows if "loss" in row)
