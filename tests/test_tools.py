@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -465,6 +466,11 @@ def test_the_builtin_python_tool_runs_in_the_sandbox():
         pytest.skip(f"no sandbox here: {sandbox.current().problem}")
     assert tools.python("print(6 * 7)") == "42"
     assert "ZeroDivisionError" in tools.python("1 / 0")
+    with pytest.raises(TimeoutError, match="ran past"):
+        tools.python("while True:\n    pass")
+    mark = Path.cwd() / "written-by-the-model"
+    tools.python(f"open({str(mark)!r}, 'w').write('x')")
+    assert not mark.exists()  # the project folder is not the program's to write
 
 
 def test_question_template_wraps_each_question_and_must_name_it(write_jsonl):
