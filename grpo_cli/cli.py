@@ -230,10 +230,13 @@ def save_lora(
 
 def offered_tools(specs: list[str] | None):
     """The tools given on the command line, checked before any model loads; None: the adapter's own."""
-    from grpo_cli import tools
+    from grpo_cli import models, tools
     from grpo_cli.config import DataSettings
 
-    return tools.resolve(DataSettings(tools=specs)) if specs else None
+    if not specs:
+        return None
+    models.unsloth_first()
+    return tools.resolve(DataSettings(tools=specs))
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:

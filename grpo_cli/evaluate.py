@@ -170,13 +170,15 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
     limit, and with tools the calls per completion, the share that called one and the share of calls that failed."""
     import statistics
 
-    from grpo_cli import tools
+    from grpo_cli import models, tools
     from grpo_cli.data import load_examples
     from grpo_cli.generate import Pair, Sampling
     from rewards import checked
 
     d = settings.data
     funcs = {spec: checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards}
+    if d.tools or d.environment:
+        models.unsloth_first()
     toolset = tools.resolve(d)
     examples = load_examples(settings.data)[:prompts]
     pair = Pair(settings.model.model, None, settings=settings.model, toolset=toolset)

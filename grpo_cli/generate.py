@@ -574,6 +574,7 @@ class Pair:
         trained_data = self.manifest.get("settings", {}).get("data", {})
         if toolset is None and (trained_data.get("tools") or trained_data.get("environment")):
             keys = ("tools", "environment", "max_tool_calling_iterations", "tool_timeout")
+            models.unsloth_first()
             toolset = tools.resolve(DataSettings(**{k: trained_data[k] for k in keys if k in trained_data}))
         model_name = model_name or self.manifest.get("base_model") or models.EMBEDDED
         trained = self.manifest.get("settings", {}).get("model", {})

@@ -267,6 +267,12 @@ def add_lora(model, settings: ModelSettings, plan: Plan):
     )
 
 
+def unsloth_first() -> None:
+    """infer, eval and the dry run load through Unsloth (``plan.for_inference``): import it before tool schemas
+    import transformers and TRL, as it patches both on import."""
+    import unsloth  # noqa: F401
+
+
 def patch_fast_rl(plan: Plan) -> None:
     """Unsloth's GRPO patches. Importing unsloth's GPU backend swaps TRL's GRPOTrainer for its own
     (``UnslothGRPOTrainer``), so a plan that trains with plain TRL on a GPU never imports it, and PatchFastRL is

@@ -88,9 +88,9 @@ def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: b
     runs.check_output_dir(output_dir, bool(resume), overwrite)
     d = settings.data
     reward_funcs = [checked(resolve(spec)[0], d.reward_timeout, d.reward_nan) for spec in d.rewards]
+    if d.tools or d.environment:  # tools are described through transformers and TRL: unsloth first, where it trains
+        models.patch_fast_rl(plan)
     toolset = tools.resolve(d)
-    if toolset:
-        tools.check_template(settings.model.model)
     for logger in {settings.train.report_to} - {"none"}:
         if importlib.util.find_spec(logger) is None:
             raise GrpoError(
@@ -98,6 +98,8 @@ def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: b
             )
     checkpoint = runs.resume_point(settings, resume, resume_anyway)
     models.resolve_model(settings.model.model, convert=False)
+    if toolset:  # the model's tokenizer alone: its chat template must carry the tools
+        tools.check_template(settings.model.model)
     examples = load_examples(settings.data)
     if settings.train.eval_steps:  # the held-out prompts too
         eval_examples(settings.data, examples, settings.train.eval_limit, settings.train.seed)
