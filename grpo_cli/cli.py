@@ -353,6 +353,7 @@ def evaluate(
         answer_field=answer_field,
         system_prompt=manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
         question_template=trained.get("data", {}).get("question_template", "{question}"),
+        environment=None if tool else trained.get("data", {}).get("environment"),  # its rows keep their columns
         limit=limit,
     )
     code = bool(code_columns(load_examples(data)[0]))

@@ -478,6 +478,9 @@ def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], i
     if code:
         rows = [_code_row(row, q, a) for row in rows]
     extras = code_columns(rows[0])
+    if settings.environment:  # reset(**row) reads the row's other columns, and a mapping picks by `environment`
+        extras += [c for c in rows[0] if c not in (q, a, "prompt", *extras)]
+        _check_environment_column(rows, settings)
     conversational = isinstance(rows[0].get("prompt"), list)
     missing = [f for f in ((a,) if conversational else (q, a)) if f not in rows[0]]
     if missing:
@@ -506,6 +509,23 @@ def to_examples(rows: list[dict], settings: DataSettings) -> tuple[list[dict], i
             prompt = system + [{"role": "user", "content": question}]
         examples.append({"prompt": prompt, "answer": answer, **{c: row.get(c) for c in extras}})
     return examples, dropped
+
+
+def _check_environment_column(rows: list[dict], settings: DataSettings) -> None:
+    if not isinstance(settings.environment, dict):
+        return
+    names = {str(row.get("environment")) for row in rows}
+    unknown = sorted(names - set(map(str, settings.environment)))
+    if "None" in unknown:
+        raise GrpoError(
+            f"{settings.dataset} has rows without an 'environment' column, which picks each row's environment "
+            f"({', '.join(map(str, settings.environment))}): add it, or give one environment class"
+        )
+    if unknown:
+        raise GrpoError(
+            f"{settings.dataset} names environment {unknown[0]!r}, which the recipe does not map: "
+            f"its environments are {', '.join(map(str, settings.environment))}"
+        )
 
 
 def prompt_length(tokenizer, messages: list[dict], tools: list | None = None) -> int:

@@ -118,7 +118,7 @@ def converse(generate, tokenizer, prompts: list[list[dict]], sampling: Sampling,
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     conversations, histories, tools, schemas = [], [], [], []
-    for prompt, row in zip(prompts, rows or [{} for _ in prompts]):
+    for prompt, row in zip(prompts, rows or [{"prompt": p} for p in prompts]):  # infer: the prompt is the row
         row_tools, environment, observation = toolset.for_row(row)
         if isinstance(observation, str) and observation:  # reset's observation joins the last user message
             prompt = prompt[:-1] + [{**prompt[-1], "content": prompt[-1]["content"] + observation}]
@@ -142,7 +142,7 @@ def converse(generate, tokenizer, prompts: list[list[dict]], sampling: Sampling,
                 results, failures = run_tool_calls(message["tool_calls"], tools[i])
                 conversations[i].calls += len(message["tool_calls"])
                 conversations[i].failures += failures
-                if count(render(histories[i] + results, schemas[i])) - opening[i] >= sampling.max_tokens:
+                if count(render(histories[i] + results, schemas[i])) - opening[i] > sampling.max_tokens:
                     continue  # no room left for the results and an answer: the row ends here, as in TRL
                 histories[i] += results
                 conversations[i].messages += results

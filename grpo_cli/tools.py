@@ -2,8 +2,8 @@
 none can end a run, and the chat template that carries them.
 
 A tool is a function whose type hints and docstring describe it to the model (transformers' ``get_json_schema``
-reads them, and TRL renders them into the prompt). An environment is a class: TRL makes one instance per rollout,
-calls ``reset(**row)`` before it, offers its public methods as tools, and scores with its ``get_reward`` if it has
+reads them, and TRL renders them into the prompt). An environment is a class: each rollout has an instance (TRL reuses
+them across batches), ``reset(**row)`` is called before it, offers its public methods as tools, and scores with its ``get_reward`` if it has
 one. The same tool loop runs in training (TRL's ``_tool_call_loop``), and in ``infer``, ``eval``, ``--dry-run``
 and the held-out evaluation (``converse`` in grpo_cli/generate.py), with the same parser and the same tools."""
 
@@ -14,7 +14,7 @@ import inspect
 import operator
 import os
 import pickle
-import select
+import selectors
 import signal
 import time
 from collections.abc import Callable
@@ -128,6 +128,7 @@ def load_tool(spec: str) -> Callable:
     func = load_object(spec, what="tool")
     if inspect.isclass(func):
         raise GrpoError(f"tool {spec} is a class: give a function, or pass the class as --environment")
+    _not_async(func, f"tool {spec}")
     describe(func, f"tool {spec}")
     return func
 
@@ -146,8 +147,14 @@ def load_environment(spec: str) -> type:
     if not methods and not callable(getattr(cls, "get_reward", None)):
         raise GrpoError(f"environment {spec} offers no tool: add a public method with type hints and a docstring")
     for name in methods:
+        _not_async(getattr(cls, name), f"environment {spec}, method {name}")
         describe(getattr(cls, name), f"environment {spec}, method {name}")
     return cls
+
+
+def _not_async(func: Callable, what: str) -> None:
+    if inspect.iscoroutinefunction(func):
+        raise GrpoError(f"{what} is async: give a plain function (grpo runs each call with a time limit and waits)")
 
 
 # --- Running: no tool ends a run ----------------------------------------------------------------------------------
@@ -172,7 +179,12 @@ def in_child(func: Callable, timeout: float | None) -> Callable:
     @functools.wraps(func)
     def call(**kwargs):
         read, write = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read)
+            os.close(write)
+            raise
         if pid == 0:  # the child: run, send the outcome, leave at once (no atexit, no finalizers of the parent's)
             os.close(read)
             try:
@@ -194,23 +206,25 @@ def in_child(func: Callable, timeout: float | None) -> Callable:
                 os._exit(0)
         os.close(write)
         deadline = None if not timeout else time.monotonic() + timeout
-        chunks = []
+        chunks, status = [], None
         try:
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    raise ToolTimeout(f"the tool ran past {timeout:g}s and was stopped")
-                ready, _, _ = select.select([read], [], [], left)
-                if ready:
-                    chunk = os.read(read, 1 << 16)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
+            with selectors.DefaultSelector() as waiting:  # any descriptor number, unlike select()
+                waiting.register(read, selectors.EVENT_READ)
+                while True:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise ToolTimeout(f"the tool ran past {timeout:g}s and was stopped")
+                    if waiting.select(left):
+                        chunk = os.read(read, 1 << 16)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+            _, status = os.waitpid(pid, 0)
         finally:
             os.close(read)
-        _, status = os.waitpid(pid, 0)
+            if status is None:  # stopped early (timeout, Ctrl-C): the child goes, and is reaped
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
         if not chunks:
             raise RuntimeError(f"the tool {_exit_status(status)} before returning")
         kind, value = pickle.loads(b"".join(chunks))
@@ -241,7 +255,14 @@ def in_process(func: Callable, timeout: float | None) -> Callable:
 def guarded_environment(cls: type, timeout: float | None) -> type:
     """A subclass of ``cls`` whose tool methods stop at ``timeout`` seconds. Its name and methods are the
     user's own, so TRL names the reward and renders the tools as it would for ``cls``."""
-    methods = {name: in_process(getattr(cls, name), timeout) for name in environment_methods(cls)}
+
+    def guarded(name):
+        raw = inspect.getattr_static(cls, name)
+        if isinstance(raw, staticmethod):
+            return staticmethod(in_process(raw.__func__, timeout))
+        return in_process(getattr(cls, name), timeout)
+
+    methods = {name: guarded(name) for name in environment_methods(cls)}
     return type(cls.__name__, (cls,), {**methods, "__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
@@ -276,19 +297,30 @@ class Toolset:
             return tools, None, None
         key = row.get("environment") if None not in self.environments else None
         if key not in self.environments:
-            raise GrpoError(f"a row names environment {key!r}: the recipe's environments are {list(self.environments)}")
+            raise GrpoError(
+                f"a row names environment {key!r}: the recipe's environments are {list(self.environments)}; "
+                "infer has no data row to pick one by: use grpo eval"
+            )
         environment = self.environments[key]()
         arguments = {k: v for k, v in row.items() if k != "environment"} if key is not None else row
-        observation = environment.reset(**arguments)
+        try:
+            observation = environment.reset(**arguments)
+        except Exception as exc:
+            name = type(environment).__name__
+            raise GrpoError(
+                f"environment {name}'s reset failed on a row with {sorted(arguments)} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): "
+                "let reset take the data's columns as keyword arguments, with **row for the rest"
+            ) from None
         tools |= {name: getattr(environment, name) for name in environment_methods(type(environment))}
         return tools, environment, observation
 
-    def schemas(self, row: dict | None = None) -> list[Callable]:
-        """The callables whose schemas the prompt shows (for a row, its environment's methods too)."""
+    def schemas(self) -> list[Callable]:
+        """The callables whose schemas a prompt may show: the tools and every environment's methods (the longest a
+        prompt can be, for max_prompt_length)."""
         tools = list(self.tools)
-        for key, cls in (self.environments or {}).items():
-            if row is None or key is None or row.get("environment") == key:
-                tools += [getattr(cls, name) for name in environment_methods(cls)]
+        for cls in (self.environments or {}).values():
+            tools += [getattr(cls, name) for name in environment_methods(cls)]
         return tools
 
     def describe(self) -> dict:
@@ -314,6 +346,13 @@ def resolve(data) -> Toolset | None:
             str(key): guarded_environment(load_environment(str(spec)), data.tool_timeout)
             for key, spec in data.environment.items()
         }
+    for cls in (environments or {}).values():
+        shared = sorted(set(names) & set(environment_methods(cls)))
+        if shared:
+            raise GrpoError(
+                f"tool {shared[0]!r} is also a method of environment {cls.__name__}: the model calls tools by name, "
+                "so rename one"
+            )
     listed = list(data.tools) + ([data.environment] if isinstance(data.environment, str) else [])
     listed += [f"{k}={v}" for k, v in data.environment.items()] if isinstance(data.environment, dict) else []
     return Toolset(listed, guarded, environments, data.max_tool_calling_iterations, data.tool_timeout)
@@ -341,8 +380,9 @@ def _template_name(template: str | None) -> str | None:
 def carry_tools(tokenizer, model_name: str) -> tuple[str, str | None]:
     """Give ``tokenizer`` a chat template that carries tools and the parser TRL reads their calls with (TRL's
     ``add_response_schema``, which knows the Llama 3.1/3.2 and Qwen2.5/3 families among others). A ChatML model
-    whose own template drops tools (the embedded SmolLM2) gets Qwen2.5's tool template over the same tokens. A
-    template TRL cannot parse calls from is refused in one line. Returns the line that says which template and
+    whose own template drops tools (the embedded SmolLM2) gets Qwen2.5's tool template over the same tokens; a
+    tokenizer that ships its own response parser keeps it, as TRL does. A template TRL cannot parse calls from is
+    refused in one line. Returns the line that says which template and
     parser, and the prefix-preserving template TRL renders multi-turn rollouts with where the model's own is not
     (None where it is)."""
     from trl.chat_template_utils import (
@@ -353,13 +393,16 @@ def carry_tools(tokenizer, model_name: str) -> tuple[str, str | None]:
     )
 
     own, template = tokenizer.chat_template, None
-    if own and supports_tool_calling(tokenizer):
+    carries = bool(own) and supports_tool_calling(tokenizer)
+    if carries and (getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None)):
+        template = f"{model_name}'s own, with the response parser it ships"  # TRL keeps a parser that is set
+    elif carries:
         try:  # TRL's match (and, once Unsloth is imported, its match of its fixed copies of the same templates)
             add_response_schema(tokenizer)
             template = _template_name(own) or f"{model_name}'s own"
         except ValueError:
             pass
-    if template is None and "<|im_start|>" in (own or "") and "<|im_start|>" in tokenizer.get_vocab():
+    elif "<|im_start|>" in (own or "") and "<|im_start|>" in tokenizer.get_vocab():
         tokenizer.chat_template = _trl_template(CHATML_STAND_IN)
         add_response_schema(tokenizer)
         template = f"qwen2_5.jinja over {model_name}'s ChatML tokens"
@@ -367,8 +410,8 @@ def carry_tools(tokenizer, model_name: str) -> tuple[str, str | None]:
         tokenizer.chat_template = own
         raise GrpoError(
             f"{model_name}'s chat template cannot carry tool calls that TRL can parse: use a model with the stock "
-            "template of Llama 3.1/3.2, Qwen2.5, Qwen3 or another that trl/chat_template_utils.py knows, or a "
-            "ChatML model"
+            "template of Llama 3.1/3.2, Qwen2.5, Qwen3 or another that trl/chat_template_utils.py knows, a ChatML "
+            "model whose template drops tools, or a tokenizer that ships its response_template"
         )
     rollout = None
     if not is_chat_template_prefix_preserving(tokenizer):

@@ -522,3 +522,98 @@ def test_a_user_tool_and_environment_train_evaluate_and_infer_on_cpu(tmp_path):
     answers = json.loads(grpo("infer", "--lora", str(out / "adapter"), "--prompt", "What is 38 * 417?", "--json",
                               "--max-tokens", "48").stdout)  # fmt: skip
     assert set(answers[0]) == {"prompt", "base", "adapter"}
+
+
+def test_async_tools_and_name_clashes_are_refused(tmp_path, environments):
+    (tmp_path / "a.py").write_text(
+        'async def fetch(url: str) -> str:\n    """Fetch.\n\n    Args:\n        url: Where.\n    """\n'
+    )
+    with pytest.raises(GrpoError, match="is async: give a plain function"):
+        tools.load_tool(f"{tmp_path}/a.py:fetch")
+    (tmp_path / "b.py").write_text(GOOD.replace("def add(", "def increment(").replace("a: int, b: int", "step: int")
+                                   .replace("        a: The first number.\n        b: The second number.\n",
+                                            "        step: How much.\n").replace("a + b", "step"))  # fmt: skip
+    with pytest.raises(GrpoError, match="'increment' is also a method of environment Counter"):
+        tools.resolve(DataSettings(tools=[f"{tmp_path}/b.py:increment"], environment=f"{environments}:Counter"))
+
+
+def test_a_static_method_of_an_environment_is_a_tool_as_in_trl(tmp_path):
+    (tmp_path / "s.py").write_text(
+        "class Maths:\n    def reset(self, **row):\n        pass\n\n    @staticmethod\n"
+        '    def double(x: int) -> int:\n        """Double.\n\n        Args:\n            x: A number.\n        """\n'
+        "        return 2 * x\n"
+    )
+    toolset = tools.resolve(DataSettings(environment=f"{tmp_path}/s.py:Maths"))
+    named, _, _ = toolset.for_row({"prompt": []})
+    assert named["double"](x=4) == 8
+
+
+def test_a_tool_call_works_past_descriptor_1024_and_leaves_no_child(flaky):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        named = {t.__name__: t for t in flaky.tools}
+        assert named["add"](a=1, b=1) == "2"
+        with pytest.raises(tools.ToolTimeout):
+            named["sleepy"](seconds=30)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not zombies()  # every child was reaped
+
+
+def zombies() -> list[int]:
+    """This process's children that exited and were never reaped."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and int(fields[1]) == os.getpid():
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_rows_keep_their_columns_for_reset_and_name_known_environments(write_jsonl, environments):
+    from grpo_cli.data import load_examples
+
+    rows = [{"question": "q", "answer": "1", "environment": "count", "start": 3}]
+    data = DataSettings(dataset=str(write_jsonl(rows)), environment={"count": f"{environments}:Counter"})
+    (example,) = load_examples(data)
+    assert example["start"] == 3 and example["environment"] == "count"
+    named, _, observation = tools.resolve(data).for_row(example)
+    assert observation == " (the counter starts at 3)" and named["increment"](step=1) == "4"
+    with pytest.raises(GrpoError, match="names environment 'shop', which the recipe does not map"):
+        load_examples(DataSettings(dataset=str(write_jsonl([{**rows[0], "environment": "shop"}], "b.jsonl")),
+                                   environment=data.environment))  # fmt: skip
+    with pytest.raises(GrpoError, match="rows without an 'environment' column"):
+        load_examples(DataSettings(dataset=str(write_jsonl([ROW_WITHOUT], "c.jsonl")), environment=data.environment))
+
+
+ROW_WITHOUT = {"question": "q", "answer": "1"}
+
+
+def test_a_reset_that_fails_on_a_row_is_one_line(tmp_path):
+    (tmp_path / "r.py").write_text(
+        "class Needs:\n    def reset(self, target):\n        self.target = target\n\n"
+        '    def go(self) -> str:\n        """Go."""\n        return "went"\n'
+    )
+    toolset = tools.resolve(DataSettings(environment=f"{tmp_path}/r.py:Needs"))
+    with pytest.raises(GrpoError, match=r"Needs's reset failed on a row with \['answer', 'prompt'\] \(TypeError"):
+        toolset.for_row({"prompt": [], "answer": "1"})
+
+
+def test_a_tokenizer_that_ships_its_response_parser_keeps_it():
+    tokenizer = embedded_tokenizer()
+    tokenizer.chat_template = tools._trl_template("qwen2_5.jinja").replace("# Tools", "# Functions")
+    tokenizer.response_template = tools._trl_template  # any parser the model ships: TRL leaves it as it is
+    line, _ = tools.carry_tools(tokenizer, "my-model")
+    assert "my-model's own, with the response parser it ships" in line
+    assert tokenizer.response_template is tools._trl_template
