@@ -146,10 +146,12 @@ def test_an_environment_must_reset_and_describe_its_methods(environments):
 def test_a_bad_tool_stops_train_in_one_line_before_anything_is_written(tmp_path):
     (tmp_path / "t.py").write_text("def f(a: int):\n    return a\n")
     out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNSLOTH_")}  # other tests' settings stay there
     result = subprocess.run(
         [sys.executable, "-m", "grpo_cli", "train", "--tool", f"{tmp_path}/t.py:f", "--output-dir", str(out)],
         capture_output=True,
         text=True,
+        env=env,
     )
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Google-style docstring" in result.stderr
