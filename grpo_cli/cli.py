@@ -228,15 +228,19 @@ def save_lora(
     print(f"Saved {run(source, out_dir, merged=merged, gguf=gguf, force=force, push_to_hub=push_to_hub)}")
 
 
-def offered_tools(specs: list[str] | None):
-    """The tools given on the command line, checked before any model loads; None: the adapter's own."""
+def offered_tools(specs: list[str] | None, lora: Path | None):
+    """The tools given on the command line, checked before any model loads, with the rounds and time limit the
+    adapter was trained with; None: the adapter's own tools."""
     from grpo_cli import models, tools
+    from grpo_cli.adapter import find_adapter
     from grpo_cli.config import DataSettings
 
     if not specs:
         return None
+    trained = (find_adapter(lora)[1] if lora else {}).get("settings", {}).get("data", {})
+    limits = {k: trained[k] for k in ("max_tool_calling_iterations", "tool_timeout") if k in trained}
     models.unsloth_first()
-    return tools.resolve(DataSettings(tools=specs))
+    return tools.resolve(DataSettings(tools=specs, **limits))
 
 
 def read_prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:
@@ -281,7 +285,7 @@ def infer(
     from grpo_cli.generate import Pair, Sampling, transcript
 
     prompts = read_prompts(prompt, prompts_file)
-    toolset = offered_tools(tool)
+    toolset = offered_tools(tool, lora)
     with contextlib.redirect_stdout(sys.stderr):  # libraries print while loading: keep stdout for answers
         pair = Pair(model, lora, toolset=toolset)
         print(pair.plan.line())
@@ -357,7 +361,7 @@ def evaluate(
         limit=limit,
     )
     code = bool(code_columns(load_examples(data)[0]))
-    toolset = offered_tools(tool)
+    toolset = offered_tools(tool, lora)
     pair = Pair(model, lora, toolset=toolset)
     print(pair.plan.line())
     rewards = reward or manifest.get("rewards") or (["code_tests"] if code else ["numeric_correctness"])

@@ -619,3 +619,17 @@ def test_a_tokenizer_that_ships_its_response_parser_keeps_it():
     line, _ = tools.carry_tools(tokenizer, "my-model")
     assert "my-model's own, with the response parser it ships" in line
     assert tokenizer.response_template is tools._trl_template
+
+
+def test_tools_offered_to_an_adapter_keep_its_rounds_and_time_limit(tmp_path):
+    from grpo_cli.cli import offered_tools
+    from tests.fakes import adapter_dir
+
+    adapter = adapter_dir(tmp_path / "adapter")
+    manifest = json.loads((adapter / "grpo.json").read_text())
+    manifest["settings"]["data"] = {"tools": ["calculator"], "max_tool_calling_iterations": 1, "tool_timeout": 2.5}
+    (adapter / "grpo.json").write_text(json.dumps(manifest))
+    toolset = offered_tools(["python"], adapter)
+    assert (toolset.names, toolset.max_iterations, toolset.timeout) == (["python"], 1, 2.5)
+    assert offered_tools(None, adapter) is None  # the adapter's own, read when it loads
+    assert offered_tools(["calculator"], None).max_iterations == 3
