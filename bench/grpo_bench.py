@@ -81,7 +81,8 @@ def build_arch(name: str, layers: int | None = None) -> str:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from grpo_cli.models import cache_dir, resolve_model
+    from grpo_cli.config import cache_dir
+    from grpo_cli.models import resolve_model
 
     out = cache_dir() / "bench" / (name + (f"-{layers}l" if layers else ""))
     if (out / "config.json").is_file():

@@ -159,7 +159,7 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
             started = time.time()
             model = self.trainer.model
             self.scratch = self.scratch or Path(tempfile.mkdtemp(prefix="grpo-live-"))
-            generator = engine_for(plan)(model, tokenizer, None)
+            generator = engine_for(plan)(model, tokenizer, None, plan)
             generator.follow(self.scratch)
             model.eval()
             try:
@@ -168,6 +168,7 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
                     tokenizer, [e["prompt"] for e in examples], greedy, toolset, examples,
                 )  # fmt: skip
             finally:
+                generator.rest()
                 # back to training as it was: Unsloth's generate turns gradient checkpointing off for inference and
                 # only its for_training turns it on again; TRL logs a step's metrics as training ones only while
                 # the model is in training mode

@@ -124,9 +124,15 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    given: list[str] = field(default_factory=list)  # the settings a recipe, the flags or a saved run chose
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def cache_dir() -> Path:
+    """Where grpo keeps what it makes once: converted models, CPU measurements (GRPO_CACHE moves it)."""
+    return Path(os.environ.get("GRPO_CACHE", "~/.cache/grpo")).expanduser()
 
 
 def _names(cls) -> list[str]:
@@ -288,6 +294,9 @@ def load_settings(
             print(embedded_line({**recipe, **flags}))
     apply(settings, recipe, config, others)
     apply(settings, flags, "the command line", others)
+    settings.given = sorted(set(recipe) | set(flags) | ({k for sec in ("model", "data", "train") for k in saved[sec]}
+                                                          if saved else set()))  # fmt: skip
+    follow_choices(settings, announce)
     unsloth_environment(settings.model)
     check_others(others)
     prompt = settings.data.system_prompt
@@ -295,6 +304,29 @@ def load_settings(
         settings.data.system_prompt = read_text_file(Path(prompt[1:]), "system prompt file", "--system-prompt TEXT")
     validate(settings)
     return settings
+
+
+def follow_choices(settings: Settings, announce: bool = True) -> None:
+    """Defaults the user never chose follow the settings they did: the model's seed follows --seed, and the
+    context (max_seq_length) grows to hold the prompt and completion lengths asked for, or the prompt length
+    shrinks to what a chosen context leaves."""
+    m, d, t, given = settings.model, settings.data, settings.train, set(settings.given)
+    if "random_state" not in given:
+        m.random_state = t.seed  # Unsloth's LoRA init and vLLM's engine seed, as TRL's sampling follows --seed
+    needed = d.max_prompt_length + t.max_completion_length
+    if needed <= m.max_seq_length:
+        return
+    said = None
+    if "max_seq_length" not in given:
+        m.max_seq_length = needed
+        said = f"max_seq_length {needed}: max_prompt_length {d.max_prompt_length} + max_completion_length "
+        said += f"{t.max_completion_length} (set max_seq_length to choose another)"
+    elif "max_prompt_length" not in given and m.max_seq_length > t.max_completion_length:
+        d.max_prompt_length = m.max_seq_length - t.max_completion_length
+        said = f"max_prompt_length {d.max_prompt_length}: what max_seq_length {m.max_seq_length} leaves after "
+        said += f"{t.max_completion_length} completion tokens"
+    if said and announce:
+        print(said)
 
 
 def embedded_line(given: dict) -> str:

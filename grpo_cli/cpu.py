@@ -70,7 +70,7 @@ def describe() -> str:
 
 
 def _cache() -> Path:
-    from grpo_cli.models import cache_dir
+    from grpo_cli.config import cache_dir
 
     return cache_dir() / "cpu.json"
 

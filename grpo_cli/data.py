@@ -536,6 +536,39 @@ def prompt_length(tokenizer, messages: list[dict], tools: list | None = None) ->
     return len(ids)
 
 
+def fit_prompt_length(settings, tokenizer, tools: list) -> None:
+    """Before any model loads, the prompts measured with the tools' schemas, which every prompt carries. Where the
+    user chose no max_prompt_length, it becomes the longest prompt (and max_seq_length, where not chosen either,
+    follows), said in one line; where they chose one that no prompt fits, one line says so."""
+    d, given = settings.data, set(settings.given)
+    examples = load_examples(d)
+    longest = max(prompt_length(tokenizer, e["prompt"], tools) for e in examples)
+    if longest <= d.max_prompt_length:
+        return
+    if "max_prompt_length" in given:
+        shortest = min(prompt_length(tokenizer, e["prompt"], tools) for e in examples)
+        if shortest > d.max_prompt_length:
+            raise GrpoError(
+                f"every one of {len(examples)} prompts is longer than max_prompt_length {d.max_prompt_length} with "
+                f"the tools' schemas (the shortest is {shortest} tokens): raise --max-prompt-length to {longest}, "
+                "or leave it unset to fit the prompts"
+            )
+        return
+    room = settings.model.max_seq_length - settings.train.max_completion_length
+    if "max_seq_length" in given and longest > room:
+        raise GrpoError(
+            f"the longest prompt is {longest} tokens with the tools' schemas, and max_seq_length "
+            f"{settings.model.max_seq_length} leaves {room} after {settings.train.max_completion_length} completion "
+            f"tokens: raise max_seq_length to {longest + settings.train.max_completion_length}"
+        )
+    d.max_prompt_length = longest
+    settings.model.max_seq_length = max(settings.model.max_seq_length, longest + settings.train.max_completion_length)
+    print(
+        f"max_prompt_length {longest}: the longest prompt with the tools' schemas (max_seq_length "
+        f"{settings.model.max_seq_length}; set max_prompt_length to choose another)"
+    )
+
+
 def load_examples(settings: DataSettings, tokenizer=None, tools: list | None = None) -> list[dict]:
     """The examples for training or evaluation, filtered by ``max_prompt_length`` when a tokenizer is given
     (counted with the ``tools`` the prompt will show)."""

@@ -61,6 +61,13 @@ def gpu_stack(versions: dict, cuda: bool) -> list[str]:
                 f"vllm {versions['vllm']} is outside what trl {versions['trl']} supports ({window.specifier}): "
                 f"pip install vllm=={VLLM_PIN}"
             )
+        from grpo_cli.plan import VLLM_BNB_MODULE, vllm_bnb
+
+        if not vllm_bnb():
+            problems.append(
+                f"vllm {versions['vllm']} loads 4-bit (bitsandbytes) weights through vllm-bnb-plugin, and its module "
+                f"{VLLM_BNB_MODULE} is not installed: pip install vllm-bnb-plugin==0.0.3 (make install does)"
+            )
         torch_pin = requirement("vllm", "torch")
         installed = versions["torch"].split("+")[0]
         if torch_pin and not torch_pin.specifier.contains(installed, prereleases=True):

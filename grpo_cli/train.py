@@ -76,7 +76,7 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
 def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: bool, resume_anyway: bool):
     """Everything about the input that can fail before a model loads; returns the rewards, the tools and the
     checkpoint."""
-    from grpo_cli.data import eval_examples, load_examples
+    from grpo_cli.data import eval_examples, fit_prompt_length, load_examples
     from rewards import checked, resolve
 
     if plan.generator == "server" and dist.is_main():  # TRL's main process alone talks to the server
@@ -98,8 +98,9 @@ def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: b
             )
     checkpoint = runs.resume_point(settings, resume, resume_anyway)
     models.resolve_model(settings.model.model, convert=False)
-    if toolset:  # the model's tokenizer alone: its chat template must carry the tools
-        tools.check_template(settings.model.model)
+    if toolset:  # the model's tokenizer alone: its chat template must carry the tools, and the prompts their schemas
+        tokenizer = tools.check_template(settings.model.model, plan)
+        fit_prompt_length(settings, tokenizer, toolset.schemas())
     examples = load_examples(settings.data)
     if settings.train.eval_steps:  # the held-out prompts too
         eval_examples(settings.data, examples, settings.train.eval_limit, settings.train.seed)

@@ -72,16 +72,21 @@ def grpo_config(settings: Settings, plan: Plan):
 
 
 def trainer_class(plan: Plan):
-    """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite;
-    otherwise used as it is on a GPU. Where the plan has the CPU speed paths, its transformers generation runs
+    """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite
+    and, in server mode, a weight sync that leaves the base as it loaded; otherwise used as it is on a GPU. Where the plan has the CPU speed paths, its transformers generation runs
     with the LoRA folded into the weights and faster sampling, and its log-prob forward computes each prompt once
     for its group."""
     import torch
     from trl import GRPOTrainer
 
-    from grpo_cli.generate import cpu_generation, prompts_prefilled_once, shared_prompt_logps
+    from grpo_cli.cpu_speed import cpu_generation, prompts_prefilled_once, shared_prompt_logps
 
     class Trainer(GRPOTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if plan.generator == "server":  # the frozen base stays bit for bit as loaded
+                sync_out_of_place(self.vllm_generation)
+
         def compute_loss(self, *args, **kwargs):
             out = super().compute_loss(*args, **kwargs)
             loss = out[0] if isinstance(out, tuple) else out
@@ -123,3 +128,62 @@ def trainer_class(plan: Plan):
             return *shared, None
 
     return CPUTrainer
+
+
+def sync_out_of_place(generation) -> None:
+    """TRL's weight sync to a vLLM server (``VLLMGeneration._iter_named_params``), with each adapted weight sent as
+    ``W + delta`` computed out of place, in fp32 and rounded once, as Unsloth syncs its own vLLM. TRL merges the
+    adapter into the live 16-bit base and unmerges it again (PEFT's merge_adapter/unmerge_adapter, in the base
+    dtype): the frozen base would drift by rounding at every sync. TRL's own walk stays (its gathering under
+    ZeRO-3 and FSDP, its names); only the merge is replaced."""
+    import contextlib
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    model = generation.model
+    if not hasattr(model, "merge_adapter"):
+        return  # no adapter: TRL sends the weights as they are
+    walk = generation._iter_named_params
+    layers = {
+        vllm_name(generation, f"{name}.base_layer.weight"): module
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+
+    @contextlib.contextmanager
+    def no_merge():
+        merge, unmerge = model.merge_adapter, model.unmerge_adapter
+        model.merge_adapter = model.unmerge_adapter = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            model.merge_adapter, model.unmerge_adapter = merge, unmerge
+
+    def merged(name, weight):
+        layer = layers.get(name)
+        if layer is None or layer.merged or layer.disable_adapters:
+            return weight
+        delta = sum(_full(layer.get_delta_weight(a)).float() for a in layer.active_adapters if a in layer.lora_A)
+        return (_full(weight).float() + delta).to(weight.dtype) if torch.is_tensor(delta) else weight
+
+    def iterate():
+        with no_merge(), torch.no_grad():
+            for name, weight in walk():
+                yield name, merged(name, weight)
+
+    generation._iter_named_params = iterate
+
+
+def vllm_name(generation, name: str) -> str:
+    """A parameter's name as TRL's sync sends it to vLLM (PEFT's prefix and base_layer gone, wrappers' prefixes
+    gone)."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "modules_to_save.default."):
+        name = name.replace(wrapper, "")
+    return generation._fix_param_name_to_vllm(name)
+
+
+def _full(tensor):
+    """A sharded (FSDP2) tensor gathered whole; any other as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

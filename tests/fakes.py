@@ -36,15 +36,31 @@ class FakeVllmBase:
     """What ``FastLanguageModel.from_pretrained(fast_inference=True)`` returns: Unsloth's engine attributes on a
     plain model, and only those it attaches there (checked against its source below)."""
 
-    def __init__(self):
+    def __init__(self, four_bit: bool = False):
         self.vllm_engine = FakeEngine()
         self.fast_generate = self.vllm_engine.generate
         self.fast_generate_batches = None
         self.config = types.SimpleNamespace(_attn_implementation="sdpa", to_dict=lambda: {"hidden_size": 8})
-        self.dtype = torch.bfloat16
+        self.dtype = torch.bfloat16  # a 4-bit load too: Unsloth sets is_loaded_in_4bit only for -bnb-4bit repos
+        self.layers = [vllm_4bit_layer() if four_bit else torch.nn.Linear(4, 4)]
+
+    def modules(self):
+        return iter(self.layers)
 
     def get_output_embeddings(self):
         return torch.nn.Linear(2, 2)
+
+
+def vllm_4bit_layer():
+    """A layer as unsloth_zoo's convert_vllm_to_huggingface rebuilds a 4-bit one from vLLM's weights: bitsandbytes'
+    Linear4bit whose weight carries the quant state (the source is checked in test_gpu_path.py)."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    layer = Linear4bit(0, 0, bias=False, compute_dtype=torch.bfloat16)
+    layer.in_features, layer.out_features = 8, 8
+    layer.weight = Params4bit(data=torch.zeros(32, 1, dtype=torch.uint8), requires_grad=False)
+    layer.weight.quant_state = types.SimpleNamespace(shape=(8, 8))
+    return layer
 
 
 class Llama3Tokenizer:
@@ -79,7 +95,7 @@ def fake_unsloth(monkeypatch, tmp_path):
         seen.update(kwargs)
         seen["loads"].append(kwargs)
         if kwargs.get("fast_inference"):
-            return FakeVllmBase(), Llama3Tokenizer()
+            return FakeVllmBase(four_bit=kwargs.get("load_in_4bit", False)), Llama3Tokenizer()
         model = types.SimpleNamespace(
             config=types.SimpleNamespace(_attn_implementation="sdpa", to_dict=lambda: {"hidden_size": 8}),
             dtype=torch.float32,
@@ -87,6 +103,7 @@ def fake_unsloth(monkeypatch, tmp_path):
             set_attn_implementation=lambda name: seen.update(attention=name),
             register_forward_pre_hook=lambda hook: seen.update(hook=hook),
             is_loaded_in_4bit=kwargs.get("load_in_4bit", False),
+            modules=lambda: iter([]),
         )
         return model, types.SimpleNamespace(pad_token=None, eos_token="</s>")
 

@@ -66,7 +66,7 @@ def test_system_prompt_from_file(tmp_path):
         ({"max_completion_length": -5}, "max_completion_length must be a positive integer"),
         ({"learning_rate": 0.0}, "learning_rate must be positive"),
         ({"lora_rank": 64, "max_lora_rank": 32}, "lora_rank 64 is above max_lora_rank 32"),
-        ({"max_prompt_length": 900, "model": "qwen2.5-1.5b"}, "exceeds max_seq_length 1024"),
+        ({"max_prompt_length": 900, "max_seq_length": 1024, "model": "qwen2.5-1.5b"}, "exceeds max_seq_length 1024"),
         ({"rewards": []}, "no reward given"),
     ],
 )  # fmt: skip
@@ -90,3 +90,25 @@ def test_recipe_names_trl_dropped_still_work():
     assert config.warmup_steps == 0.1 and config.get_warmup_steps(20) == 2
     assert config.optim in ("adamw_torch", "adamw_torch_fused") and config.use_cpu  # paged 8-bit needs CUDA
     assert config.reward_weights == [1.0] * 5
+
+
+@pytest.mark.parametrize(
+    "flags, seq, prompt",
+    [
+        ({"max_prompt_length": 512}, 552, 512),  # the embedded model's 40-token completions: the context follows
+        ({"max_prompt_length": 900, "model": "qwen2.5-1.5b"}, 1100, 900),
+        ({"max_seq_length": 300, "max_completion_length": 200, "model": "qwen2.5-1.5b"}, 300, 100),  # prompt follows
+        ({}, 512, 192),  # nothing chosen: the embedded model's own
+    ],
+)
+def test_a_default_follows_the_length_the_user_chose(flags, seq, prompt, capsys):
+    settings = load_settings(None, flags)
+    assert (settings.model.max_seq_length, settings.data.max_prompt_length) == (seq, prompt)
+    assert (str(seq) in capsys.readouterr().out) == (seq not in (512, 1024) or "max_seq_length" in flags) or not flags
+
+
+def test_the_model_seed_follows_the_run_seed_unless_chosen(tmp_path):
+    assert load_settings(None, {"seed": 7}).model.random_state == 7
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("random_state: 11\nseed: 7\n")
+    assert load_settings(str(recipe), {}).model.random_state == 11

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo_cli import generate
-from grpo_cli.generate import cache_shareable, prefix_once, prompts_prefilled_once, shared_prompt_logps
+from grpo_cli.cpu_speed import cache_shareable, prefix_once, prompts_prefilled_once, shared_prompt_logps
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "grpo_bench.py"
 GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)

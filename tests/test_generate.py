@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from grpo_cli.generate import fast_sampling, merged_lora
+from grpo_cli.cpu_speed import fast_sampling, merged_lora
 from grpo_cli.models import cpu_attention
 
 
@@ -85,7 +85,7 @@ def test_cpu_attention_matches_sdpa_forward_and_backward(tiny_llama, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linears_are_the_same_function_with_the_fold_and_put_forward_back(lora_model, dtype, monkeypatch):
     from grpo_cli.cpu import packs
-    from grpo_cli.generate import cpu_generation
+    from grpo_cli.cpu_speed import cpu_generation
 
     monkeypatch.setenv("GRPO_PACKED_LINEAR", "1")  # packed where oneDNN can, whatever this machine measures
     model = lora_model.to(dtype)
@@ -153,7 +153,7 @@ def test_the_plan_loads_the_dtype_unsloth_loads_on_each_kind(monkeypatch, flags,
 
 @pytest.mark.parametrize("sample", [False, True])
 def test_repeated_prompts_prefilled_once_give_the_same_tokens(lora_model, sample):
-    from grpo_cli.generate import prompts_prefilled_once
+    from grpo_cli.cpu_speed import prompts_prefilled_once
 
     model = lora_model.to(torch.float32)
     ids = torch.randint(3, 64, (2, 9))
@@ -178,7 +178,7 @@ def test_repeated_prompts_prefilled_once_give_the_same_tokens(lora_model, sample
 
 
 def test_a_common_opening_runs_once_and_gives_the_same_tokens(lora_model):
-    from grpo_cli.generate import prefix_once
+    from grpo_cli.cpu_speed import prefix_once
 
     model = lora_model.to(torch.float32)
     torch.manual_seed(1)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -253,21 +254,43 @@ class Recording:
     def load_lora(self, save_directory, load_tensors=False):
         self.calls.append(("load_lora", save_directory))
 
+    @property
+    def vllm_engine(self):  # vLLM's LLM, as Unsloth attaches it; sleep's signature is checked in test_vllm.py
+        return types.SimpleNamespace(sleep=lambda level=1: self.calls.append(("sleep", level)))
+
+
+def test_trl_puts_the_engine_to_sleep_after_each_generation_under_standby():
+    """(a) What held-out evaluation restores: TRL's VLLMGeneration.generate ends with the engine asleep (level 2)
+    when sleep mode is on, and Unsloth turns sleep mode on under standby and wakes the engine before any generate."""
+    import inspect
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    generate = inspect.getsource(VLLMGeneration.generate)
+    assert "if self.enable_sleep_mode:\n                self.llm.sleep(level=2)" in generate
+    assert "args.vllm_enable_sleep_mode=True" in source_file("unsloth.models.rl").read_text()
+    assert "self.wake_up()" in source_file("unsloth_zoo.vllm_utils").read_text()
+
 
 @pytest.mark.parametrize(
-    "machine, last",
-    [(CPU_AVX2, "for_training"), (gpu_machine(), "for_training"),
-     (gpu_machine(strategy="zero3", processes=2), "train")],
+    "machine, last, standby",
+    [(CPU_AVX2, "for_training", False), (gpu_machine(), "for_training", False),
+     (gpu_machine(), "for_training", True), (gpu_machine(strategy="zero3", processes=2), "train", False)],
 )  # fmt: skip
-def test_held_out_evaluation_hands_the_model_back_to_training(monkeypatch, tmp_path, fake_tokenizer, machine, last):
+def test_held_out_evaluation_hands_the_model_back_to_training(
+    monkeypatch, tmp_path, fake_tokenizer, machine, last, standby
+):
     from grpo_cli import callbacks, generate
 
     class Engine:
-        def __init__(self, model, tokenizer, lora_dir):
-            self.model = model
+        def __init__(self, model, tokenizer, lora_dir, plan):
+            self.model, self.standby = model, plan.standby
 
         def follow(self, scratch):
             generate.VLLMEngine.follow(self, scratch) if plan.generator == "vllm" else None
+
+        def rest(self):
+            (generate.VLLMEngine if plan.generator == "vllm" else generate.TransformersEngine).rest(self)
 
         def generate(self, texts, sampling, adapter):
             return ["<answer>5</answer>"] * len(texts)
@@ -276,14 +299,17 @@ def test_held_out_evaluation_hands_the_model_back_to_training(monkeypatch, tmp_p
     monkeypatch.setattr(type(fake_tokenizer), "__call__", lambda self, text, **kw: {"input_ids": text.split()},
                         raising=False)  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    s = settings({"eval_steps": 1, "output_dir": str(tmp_path)})
+    s = settings({"eval_steps": 1, "output_dir": str(tmp_path)}, vllm_standby=standby)
     plan = resolve(s, machine)
+    assert plan.standby == standby
     held_out = callbacks.held_out_eval(s, plan, [{"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"}],
                                        fake_tokenizer, tmp_path)  # fmt: skip
     held_out.trainer = type("T", (), {"model": Recording()})()
     assert held_out.evaluate()["eval_accuracy"] == 1.0
     calls = held_out.trainer.model.calls
     assert calls[-1] == last and "train" not in calls[:-1]
+    # under standby the engine goes back to sleep before training goes on, as TRL leaves it after its generations
+    assert (("sleep", 2) in calls) == standby and (not standby or calls.index(("sleep", 2)) < len(calls) - 1)
     if plan.generator == "vllm":  # the live adapter's config goes to a scratch folder, never the working directory
         (_, scratch), *_ = calls
         assert Path(scratch).is_absolute() and not scratch.startswith(str(tmp_path))

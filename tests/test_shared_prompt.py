@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_cli.generate import shared_prompt_logps
+from grpo_cli.cpu_speed import shared_prompt_logps
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "grpo_bench.py"
 

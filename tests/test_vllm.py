@@ -23,6 +23,11 @@ if not HAVE_VLLM and os.environ.get("GRPO_REQUIRE_VLLM") == "1":  # the vLLM tie
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed: make test-vllm")]
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawned workers
 
+from grpo_cli.config import Settings  # noqa: E402
+from grpo_cli.plan import Machine, resolve  # noqa: E402
+
+INFER = resolve(Settings(), Machine(), training=False)  # infer's plan on this CPU: its speed paths on
+
 
 def load_vllm_kernels():
     """vLLM's CPU build ships its kernels as _C (AVX-512 with BF16), _C_AVX512 and _C_AVX2; it loads the one the
@@ -112,7 +117,7 @@ def test_vllm_fakes_take_what_vllm_takes():
 
     seen = []
     model = types.SimpleNamespace(fast_generate=FakeEngine().generate)
-    engine = VLLMEngine(model, lambda texts, add_special_tokens: {"input_ids": [[1]] * len(texts)}, None)
+    engine = VLLMEngine(model, lambda texts, add_special_tokens: {"input_ids": [[1]] * len(texts)}, None, INFER)
     real = SamplingParams
     try:
         import vllm
@@ -132,8 +137,8 @@ def test_vllm_engine_matches_transformers_with_and_without_the_adapter(smollm2, 
     from grpo_cli.generate import Sampling, TransformersEngine, VLLMEngine, chat_texts
 
     path, tokenizer = smollm2
-    hf = TransformersEngine(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, adapter)
-    vllm = VLLMEngine(unsloth_vllm_model, tokenizer, adapter)  # the adapter through unsloth_zoo's real load_lora
+    hf = TransformersEngine(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, adapter, INFER)
+    vllm = VLLMEngine(unsloth_vllm_model, tokenizer, adapter, INFER)  # the adapter through unsloth_zoo's real load_lora
     texts = chat_texts(tokenizer, ["What is 7 + 5?", "Name a colour.", "Say hello in French."], "Answer briefly.")
     greedy = Sampling(greedy=True, max_tokens=24)
     base, tuned = vllm.generate(texts, greedy, adapter=False), vllm.generate(texts, greedy, adapter=True)
@@ -175,8 +180,8 @@ def test_the_tool_loop_runs_on_vllm_as_on_transformers(smollm2, adapter, unsloth
         for q in ("Ava has 38 bags with 417 pens in each bag. How many pens?", "Ben has 5242 coins and gets 9376 more.")
     ]  # fmt: skip
     greedy = Sampling(greedy=True, max_tokens=64)
-    hf = TransformersEngine(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, adapter)
-    vllm = VLLMEngine(unsloth_vllm_model, tokenizer, adapter)
+    hf = TransformersEngine(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer, adapter, INFER)
+    vllm = VLLMEngine(unsloth_vllm_model, tokenizer, adapter, INFER)
     on_vllm = converse(lambda t, s: vllm.generate(t, s, adapter=False), tokenizer, prompts, greedy, toolset)
     on_hf = converse(lambda t, s: hf.generate(t, s, adapter=False), tokenizer, prompts, greedy, toolset)
     assert [c.messages for c in on_vllm] == [c.messages for c in on_hf]
