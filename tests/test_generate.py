@@ -193,3 +193,42 @@ def test_a_common_opening_runs_once_and_gives_the_same_tokens(lora_model):
         assert batch["past_key_values"].get_seq_length() == 20  # the opening, once
         shared = model.generate(**batch, **kwargs)
     assert torch.equal(shared[:, -6:], plain[:, -6:])
+
+
+def test_where_the_plan_has_no_cpu_speed_paths_generation_folds_nothing(lora_model, monkeypatch):
+    """On a GPU (here a GPU plan over a CPU model), transformers' generate runs as it is: no second copy of every
+    adapted weight with the LoRA folded in, no packing, no prefilled opening. The plan decides, not the tensor."""
+    from grpo_cli import cpu_speed
+    from grpo_cli.config import Settings
+    from grpo_cli.generate import Sampling, TransformersEngine
+    from grpo_cli.plan import Machine, resolve
+    from tests.fakes import gpu_machine, word_tokenizer
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a CPU speed path ran where the plan has none")
+
+    gpu = resolve(Settings(), gpu_machine(vllm=False), training=False)
+    assert not gpu.cpu_paths and resolve(Settings(), Machine(), training=False).cpu_paths
+    for name in ("cpu_generation", "merged_lora", "packed_linears", "prefix_once", "fast_sampling"):
+        monkeypatch.setattr(cpu_speed, name, refused)
+    engine = TransformersEngine(lora_model, word_tokenizer(), None, gpu)
+    texts = ["w3 w4 w5", "w6 w7"]
+    outputs = engine.generate(texts, Sampling(greedy=True, max_tokens=4), adapter=True)
+    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+
+
+def test_the_cpu_modules_import_no_model_plan_or_engine():
+    """cpu.py measures the machine and cpu_speed.py holds the speed paths: neither reaches back into the loading,
+    the plan or the engines (the old circle cpu -> models -> plan -> cpu)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "grpo_cli"
+    for name in ("cpu.py", "cpu_speed.py"):
+        imported = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(ast.parse((root / name).read_text()))
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        }
+        assert not imported & {"grpo_cli.models", "grpo_cli.plan", "grpo_cli.generate"}, name

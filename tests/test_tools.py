@@ -633,3 +633,23 @@ def test_tools_offered_to_an_adapter_keep_its_rounds_and_time_limit(tmp_path):
     assert (toolset.names, toolset.max_iterations, toolset.timeout) == (["python"], 1, 2.5)
     assert offered_tools(None, adapter) is None  # the adapter's own, read when it loads
     assert offered_tools(["calculator"], None).max_iterations == 3
+
+
+def test_the_readme_tool_example_sizes_its_prompts_before_loading(tmp_path, capsys):
+    """`grpo train --tool calculator` with nothing else: the tools' schemas make every prompt longer than the
+    embedded model's 192 tokens. No prompt length was chosen, so it fits the longest prompt (the context follows),
+    said in one line; a length the user chose that no prompt fits is refused before any model loads."""
+    from grpo_cli.config import load_settings
+    from grpo_cli.plan import Machine, resolve
+    from grpo_cli.train import check_input
+
+    settings = load_settings(None, {"tools": ["calculator"], "output_dir": str(tmp_path / "a")}, announce=False)
+    check_input(settings, resolve(settings, Machine()), False, False, False)
+    prompt, context = settings.data.max_prompt_length, settings.model.max_seq_length
+    assert prompt > 192 and context >= prompt + settings.train.max_completion_length
+    assert f"max_prompt_length {prompt}: the longest prompt with the tools' schemas" in capsys.readouterr().out
+
+    chosen = load_settings(None, {"tools": ["calculator"], "max_prompt_length": 192,
+                                  "output_dir": str(tmp_path / "b")}, announce=False)  # fmt: skip
+    with pytest.raises(GrpoError, match="longer than max_prompt_length 192 with the tools' schemas"):
+        check_input(chosen, resolve(chosen, Machine()), False, False, False)

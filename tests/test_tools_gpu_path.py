@@ -10,6 +10,8 @@ import re
 import pytest
 import torch
 
+from grpo_cli.plan import Machine
+from tests.fakes import gpu_machine
 from tests.real_api import parameters, source, source_file
 
 CUDA = torch.cuda.is_available()
@@ -124,3 +126,21 @@ def test_gpu_train_with_a_tool_logs_calls_and_evaluates_with_it(tmp_path):
     summary = json.loads((tmp_path / "eval" / "eval.json").read_text())["summary"]
     assert "tool_use_rate" in summary["adapter"]
     grpo("infer", "--lora", str(out / "adapter"), "--prompt", "Ava has 38 bags with 417 pens in each bag.")
+
+
+@pytest.mark.parametrize(
+    "machine, matched",
+    [(gpu_machine(), True), (gpu_machine(strategy="fsdp2", processes=2), False), (Machine(), False)],
+)
+def test_the_template_check_applies_unsloths_matching_only_where_the_run_will_have_it(monkeypatch, machine, matched):
+    """Unsloth's matching of its fixed templates comes with its GPU backend's TRL patches (PatchFastRL); plain TRL
+    (FSDP, ZeRO) never imports unsloth and the CPU backend installs none: the check must see what the run sees."""
+    from grpo_cli import tools
+    from grpo_cli.config import Settings
+    from grpo_cli.plan import resolve
+
+    assert "patch_trl_tool_chat_templates()" in source("unsloth.models.rl", "PatchFastRL")
+    seen = []
+    monkeypatch.setattr(tools, "_as_unsloth_matches", lambda tokenizer: seen.append(tokenizer) or tokenizer)
+    tokenizer = tools.check_template("smollm2-135m", resolve(Settings(), machine))
+    assert bool(seen) == matched and tokenizer.chat_template  # the tokenizer the prompts are measured with
