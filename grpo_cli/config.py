@@ -190,9 +190,10 @@ def check_others(others: dict) -> None:
         raise GrpoError(f"unknown setting {key!r} in {source}: {hint}")
 
 
-def unsloth_environment(model: ModelSettings) -> None:
-    """Settings unsloth reads from the environment when it is first imported: set before that import."""
-    if model.vllm_standby:
+def unsloth_environment(model: ModelSettings, standby: bool) -> None:
+    """Settings unsloth reads from the environment when it is first imported: set before that import, where the
+    plan has standby (Unsloth's vLLM; elsewhere it would only cost the expandable segments Unsloth gives up for it)."""
+    if standby:
         os.environ["UNSLOTH_VLLM_STANDBY"] = "1"
         if model.gpu_memory_utilization is not None:  # Unsloth replaces any other share under standby unless told
             os.environ["UNSLOTH_VLLM_STANDBY_UTIL_OVERRIDE"] = "1"
@@ -297,7 +298,6 @@ def load_settings(
     settings.given = sorted(set(recipe) | set(flags) | ({k for sec in ("model", "data", "train") for k in saved[sec]}
                                                           if saved else set()))  # fmt: skip
     follow_choices(settings, announce)
-    unsloth_environment(settings.model)
     check_others(others)
     prompt = settings.data.system_prompt
     if prompt.startswith("@"):
@@ -312,7 +312,7 @@ def follow_choices(settings: Settings, announce: bool = True) -> None:
     shrinks to what a chosen context leaves."""
     m, d, t, given = settings.model, settings.data, settings.train, set(settings.given)
     if "random_state" not in given:
-        m.random_state = t.seed  # Unsloth's LoRA init and vLLM's engine seed, as TRL's sampling follows --seed
+        m.random_state = t.seed  # Unsloth's LoRA init follows --seed, as TRL's sampling does
     needed = d.max_prompt_length + t.max_completion_length
     if needed <= m.max_seq_length:
         return

@@ -124,12 +124,14 @@ def diagnose() -> tuple[list[tuple[str, str]], list[str], list[str]]:
         return facts, problems, warnings
     import torch
 
+    from grpo_cli.plan import cuda_bf16
+
     cuda = torch.cuda.is_available()
     facts.append(("torch CUDA", torch.version.cuda or "none (CPU build)"))
     if cuda:
         props = torch.cuda.get_device_properties(0)
         facts.append(
-            ("GPU", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 {torch.cuda.is_bf16_supported()}")
+            ("GPU", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, bf16 {cuda_bf16()}")  # as the plan counts it
         )
         driver = cuda_driver_version()
         facts.append(("NVIDIA driver", f"supports CUDA {driver[0]}.{driver[1]}" if driver else "unknown"))

@@ -170,8 +170,8 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
     limit, and with tools the calls per completion, the share that called one and the share of calls that failed."""
     import statistics
 
-    from grpo_cli import models, tools
-    from grpo_cli.data import load_examples
+    from grpo_cli import models, plan, tools
+    from grpo_cli.data import fit_prompt_length, load_examples
     from grpo_cli.generate import Pair, Sampling
     from rewards import checked
 
@@ -180,8 +180,13 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
     if d.tools or d.environment:
         models.unsloth_first()
     toolset = tools.resolve(d)
+    if toolset:  # the prompts carry the tools' schemas: the lengths fit them as the run's would
+        fit_prompt_length(
+            settings, tools.check_template(settings.model.model, plan.resolve(settings)), toolset.schemas()
+        )
     examples = load_examples(settings.data)[:prompts]
-    pair = Pair(settings.model.model, None, settings=settings.model, toolset=toolset)
+    trained = plan.resolve(settings).to_dict()  # the weights as training loads them (16-bit for a server, FSDP2)
+    pair = Pair(settings.model.model, None, settings=settings.model, toolset=toolset, trained=trained)
     g = settings.train.num_generations
     sampling = Sampling(
         temperature=settings.train.temperature,

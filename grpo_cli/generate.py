@@ -242,13 +242,18 @@ class VLLMEngine:
     def generate(self, texts: list[str], sampling: Sampling, adapter: bool) -> list[str]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            temperature=0.0 if sampling.greedy else sampling.temperature,
-            top_p=1.0 if sampling.greedy else sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            seed=sampling.seed,
-        )
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        # a seed a request: vLLM draws a seeded request from its own generator, so one seed for all would give a
+        # prompt repeated G times (the dry run's groups) G identical completions
+        params = [
+            SamplingParams(
+                temperature=0.0 if sampling.greedy else sampling.temperature,
+                top_p=1.0 if sampling.greedy else sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=sampling.seed + i,
+            )
+            for i in range(len(ids))
+        ]
         outputs = self.model.fast_generate(
             [{"prompt_token_ids": i} for i in ids],
             sampling_params=params,
@@ -285,9 +290,16 @@ class Pair:
     alone (the embedded model unless ``model_name`` names another)."""
 
     def __init__(
-        self, model_name: str | None, lora_dir: Path | None, max_seq_length: int = 2048, settings=None, toolset=None
+        self,
+        model_name: str | None,
+        lora_dir: Path | None,
+        max_seq_length: int = 2048,
+        settings=None,
+        toolset=None,
+        trained: dict | None = None,
     ):
-        """``settings``: a run's own model settings (the dry run samples the base as the run would load it).
+        """``settings`` and ``trained``: a run's own model settings and plan (the dry run samples the base as the
+        run would load it, 16-bit where its plan trains a 16-bit base).
         ``toolset``: the tools to offer (grpo_cli/tools.py); by default those the adapter was trained with."""
         from grpo_cli import models, plan, tools
         from grpo_cli.config import DataSettings, ModelSettings
@@ -309,7 +321,7 @@ class Pair:
             random_state=trained.get("random_state", 3407),
         )
         # the base as the adapter was trained on it: the weights its run's plan loaded, not the ones it asked for
-        self.plan = plan.for_inference(settings, self.manifest.get("plan"))
+        self.plan = plan.for_inference(settings, self.manifest.get("plan") or trained)
         model, self.tokenizer = models.load_model(settings, self.plan)
         self.plan = models.as_loaded(model, self.plan)
         expected = self.manifest.get("base_fingerprint")

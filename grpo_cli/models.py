@@ -131,7 +131,7 @@ def load_model(settings: ModelSettings, plan: Plan):
     with plain transformers where the strategy shards the weights. Returns model, tokenizer."""
     if not plan.unsloth:
         return load_plain(settings, plan)
-    unsloth_environment(settings)
+    unsloth_environment(settings, plan.standby)
     from unsloth import FastLanguageModel  # before anything imports transformers
 
     name = resolve_model(settings.model)
@@ -141,7 +141,7 @@ def load_model(settings: ModelSettings, plan: Plan):
         load_in_4bit=plan.load_in_4bit,
         dtype=plan.dtype(),  # the plan's, not Unsloth's own guess (which would agree, but is not the one printed)
         max_lora_rank=settings.max_lora_rank or settings.lora_rank,
-        random_state=settings.random_state,  # on a GPU with vLLM, the engine's sampling seed (unsloth_zoo load_vllm)
+        random_state=settings.random_state,  # Unsloth's own seed (its vLLM engine's stays 0: it is not passed on)
     )
     if plan.cuda:
         share = settings.gpu_memory_utilization or 0.6  # under standby without one, Unsloth sizes it
@@ -163,10 +163,11 @@ def load_model(settings: ModelSettings, plan: Plan):
         from grpo_cli.threads import Adaptive
 
         model.register_forward_pre_hook(Adaptive())
-    # The LM head gets a slice of the hidden states (the last position, or the completion); against a frozen
-    # weight, torch's matmul turns a non-contiguous 3-d input into a batched matmul over 8 copies of the weight:
-    # 0.44 s a call for a 49k vocabulary on 2 cores, 4 ms once the input is contiguous.
-    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+        # The LM head gets a slice of the hidden states (the last position, or the completion); against a frozen
+        # weight, torch's CPU matmul turns a non-contiguous 3-d input into a batched matmul over 8 copies of the
+        # weight: 0.44 s a call for a 49k vocabulary on 2 cores, 4 ms once the input is contiguous.
+        head = model.get_output_embeddings()
+        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
     return model, tokenizer
 
 

@@ -236,6 +236,11 @@ def resolve(settings: Settings, machine: Machine | None = None, training: bool =
             f"and its module {VLLM_BNB_MODULE} is not installed: pip install vllm-bnb-plugin==0.0.3 (make install "
             "does), or set load_in_4bit: false or fast_inference: false in the recipe"
         )
+    elif generator == "server" and strategy == "fsdp":
+        problem = (
+            "--vllm-server under FSDP (version 1): TRL's weight sync walks FSDP1's modules under PEFT's names and "
+            "sends the adapter's own layers, which the server cannot load: use fsdp2, ZeRO or DDP with a server"
+        )
     elif generator == "server" and not (m.cuda and m.vllm):
         problem = (
             "--vllm-server: TRL sends the server the weights over NCCL, from a CUDA machine with vLLM installed: "

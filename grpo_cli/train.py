@@ -8,7 +8,7 @@ from pathlib import Path
 
 from grpo_cli import dist, models, report, runs, tools
 from grpo_cli.adapter import MANIFEST, fingerprint, save_adapter, write_json
-from grpo_cli.config import Settings
+from grpo_cli.config import Settings, unsloth_environment
 from grpo_cli.errors import GrpoError
 from grpo_cli.plan import Plan, resolve
 
@@ -21,6 +21,8 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     # 1. Plan: the trainer, generator and weights that this machine and launcher give these settings
     plan = resolve(settings)
     print(plan.line())
+    unsloth_environment(settings.model, plan.standby)
+    models.patch_fast_rl(plan)  # unsloth before the launcher sets each process's device (and torch's allocator up)
     dist.start(cpu=not plan.cuda, timeout=settings.train.extra.get("ddp_timeout", 1800))
 
     # 2. Input: all that can fail before a model loads, checked on every process; all stop if one fails
@@ -30,7 +32,6 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
     # settings before the weights, as DeepSpeed ZeRO-3 loads each process's shard only once they exist
     from grpo_cli.trainer import grpo_config
 
-    models.patch_fast_rl(plan)
     config = grpo_config(settings, plan)
     model, tokenizer = models.load_model(settings.model, plan)
     plan = models.as_loaded(model, plan)

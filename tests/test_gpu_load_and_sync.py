@@ -233,10 +233,10 @@ def test_the_driver_agrees_with_torch():
     assert plans.cuda_bf16() == torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-# (d) the seed reaches Unsloth's loader, and with it vLLM's engine
+# (d) the seed reaches Unsloth's loader and LoRA init; vLLM's engine seed stays Unsloth's
 
 
-def test_the_seed_reaches_unsloths_loader_and_vllms_engine(fake_unsloth):
+def test_the_seed_reaches_unsloths_loader_and_lora_but_not_its_vllm_engine(fake_unsloth):
     from grpo_cli import models
     from grpo_cli.config import load_settings
 
@@ -244,10 +244,19 @@ def test_the_seed_reaches_unsloths_loader_and_vllms_engine(fake_unsloth):
     settings = load_settings(None, {"seed": 123, "model": path}, announce=False)
     models.load_model(settings.model, resolve(settings, gpu_machine()))
     assert seen["random_state"] == 123
-    load_vllm = ast.unparse(definition("unsloth_zoo.vllm_utils", "load_vllm"))
-    assert "seed=random_state" in load_vllm.replace(" ", "")
-    loader = source_file("unsloth.models.llama").read_text()
-    assert "random_state = random_state" in loader
+    models.add_lora(object(), settings.model, resolve(settings, gpu_machine()))
+    assert seen["peft"]["random_state"] == 123
+    # what the README says: Unsloth's from_pretrained takes random_state but builds load_vllm's arguments without
+    # it (only names left in **kwargs are passed on), so the engine's seed is load_vllm's default
+    load = ast.unparse(definition("unsloth.models.llama", "FastLlamaModel.from_pretrained"))
+    build = load[load.index("load_vllm_kwargs = dict(") :]
+    assert (
+        "random_state" not in build[: build.index(")")]
+        and "if allowed_arg not in load_vllm_kwargs and allowed_arg in kwargs" in load
+    )
+    assert "random_state" in [
+        a.arg for a in definition("unsloth.models.llama", "FastLlamaModel.from_pretrained").args.args
+    ]
 
 
 # (e) infer and eval load the context the adapter trained with

@@ -75,7 +75,15 @@ def test_vllm_pair_sends_the_adapter_as_a_lora_request(fake_unsloth, fake_vllm, 
     assert pair.base(texts, sampling) == ["base"] and pair.tuned(texts, sampling) == ["tuned"]
     base, tuned = pair.engine.model.vllm_engine.calls
     assert base["lora_request"] is None and tuned["lora_request"] == ("lora-request", str(lora))
-    assert tuned["params"] == {"temperature": 0.8, "top_p": 0.95, "max_tokens": 64, "seed": 7}
+    assert tuned["params"] == [{"temperature": 0.8, "top_p": 0.95, "max_tokens": 64, "seed": 7}]
+
+
+def test_vllm_gives_each_request_its_own_seed(fake_unsloth, fake_vllm, on_gpu, tmp_path):
+    """vLLM draws a seeded request from a generator of its own: one seed for a prompt repeated G times (the dry
+    run's groups) would give G identical completions."""
+    pair = Pair(None, adapter_dir(tmp_path / "run" / "adapter"))
+    pair.base(pair.texts(["q"] * 4, ""), Sampling(seed=7, max_tokens=8))
+    assert [p["seed"] for p in pair.engine.model.vllm_engine.calls[0]["params"]] == [7, 8, 9, 10]
 
 
 def test_vllm_prompts_are_token_ids_with_the_templates_one_bos(fake_unsloth, fake_vllm, on_gpu, tmp_path):
@@ -93,7 +101,7 @@ def test_vllm_prompts_are_token_ids_with_the_templates_one_bos(fake_unsloth, fak
 def test_vllm_greedy_is_temperature_zero(fake_unsloth, fake_vllm, on_gpu, tmp_path):
     pair = Pair(None, adapter_dir(tmp_path / "run" / "adapter"))
     pair.base(pair.texts(["q"], ""), Sampling(greedy=True, max_tokens=16))
-    assert pair.engine.model.vllm_engine.calls[0]["params"]["temperature"] == 0.0
+    assert pair.engine.model.vllm_engine.calls[0]["params"][0]["temperature"] == 0.0
 
 
 # Loading: what Unsloth is asked for on GPU and on CPU
@@ -150,7 +158,7 @@ def test_standby_is_read_by_unsloth_at_import():
 
 
 @pytest.mark.parametrize("recipe", ["top_p: 1.0\n", None])  # a GRPOConfig field in a recipe is checked by importing
-def test_standby_is_set_before_grpo_train_first_imports_unsloth(monkeypatch, tmp_path, recipe):
+def test_standby_is_set_before_grpo_train_first_imports_unsloth(monkeypatch, tmp_path, recipe, on_gpu):
     from grpo_cli.cli import app
 
     monkeypatch.delenv("UNSLOTH_VLLM_STANDBY", raising=False)

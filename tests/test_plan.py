@@ -349,13 +349,38 @@ def test_standby_keeps_a_given_memory_share(monkeypatch):
     assert "if unsloth_vllm_standby and (not standby_util_override):" in util
     monkeypatch.delenv("UNSLOTH_VLLM_STANDBY_UTIL_OVERRIDE", raising=False)
     monkeypatch.delenv("UNSLOTH_VLLM_STANDBY", raising=False)
+    from grpo_cli.config import unsloth_environment
+
     s = load_settings(None, {"model": "qwen2.5-1.5b", "vllm_standby": True}, announce=False)
-    assert "standby: Unsloth sizes vLLM's memory share" in resolve(s, gpu_machine()).line()
+    plan = resolve(s, gpu_machine())
+    assert "standby: Unsloth sizes vLLM's memory share" in plan.line()
+    unsloth_environment(s.model, plan.standby)
     assert "UNSLOTH_VLLM_STANDBY_UTIL_OVERRIDE" not in __import__("os").environ
     s = load_settings(None, {"model": "qwen2.5-1.5b", "vllm_standby": True, "gpu_memory_utilization": 0.5},
                       announce=False)  # fmt: skip
-    assert "standby with gpu_memory_utilization 0.5 as given" in resolve(s, gpu_machine()).line()
+    plan = resolve(s, gpu_machine())
+    assert "standby with gpu_memory_utilization 0.5 as given" in plan.line()
+    unsloth_environment(s.model, plan.standby)
     assert __import__("os").environ["UNSLOTH_VLLM_STANDBY_UTIL_OVERRIDE"] == "1"
+
+
+@pytest.mark.parametrize("machine", [gpu_machine(vllm=False), Machine()])
+def test_standby_without_unsloths_vllm_leaves_its_allocator_alone(monkeypatch, machine):
+    """Without Unsloth's vLLM (a server, no vLLM, CPU) the plan has no standby, and UNSLOTH_VLLM_STANDBY stays
+    unset: set, Unsloth would give up expandable segments for nothing."""
+    from grpo_cli.config import load_settings, unsloth_environment
+
+    monkeypatch.delenv("UNSLOTH_VLLM_STANDBY", raising=False)
+    s = load_settings(None, {"model": "qwen2.5-1.5b", "vllm_standby": True}, announce=False)
+    plan = resolve(s, machine)
+    unsloth_environment(s.model, plan.standby)
+    assert not plan.standby and "UNSLOTH_VLLM_STANDBY" not in __import__("os").environ
+
+
+def test_a_server_under_fsdp1_is_refused_before_loading():
+    s = settings(vllm_server="http://localhost:8000")
+    assert "FSDP (version 1)" in resolve(s, gpu_machine(strategy="fsdp", processes=2)).problem
+    assert resolve(s, gpu_machine(strategy="fsdp2", processes=2)).problem is None
 
 
 # 8. Evaluation on Unsloth's vLLM writes the live adapter's config into a scratch folder, not the working directory
