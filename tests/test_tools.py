@@ -653,3 +653,19 @@ def test_the_readme_tool_example_sizes_its_prompts_before_loading(tmp_path, caps
                                   "output_dir": str(tmp_path / "b")}, announce=False)  # fmt: skip
     with pytest.raises(GrpoError, match="longer than max_prompt_length 192 with the tools' schemas"):
         check_input(chosen, resolve(chosen, Machine()), False, False, False)
+
+
+def test_a_tool_call_is_forked_from_the_small_server_not_from_the_run(tmp_path):
+    """Each call's child comes from the fork server made when the tools were resolved, before any model loaded:
+    not from the run itself, whose page tables (and threads' locks) a fork would copy at every call."""
+    (tmp_path / "who.py").write_text(
+        "import os\n\n\ndef parent() -> str:\n"
+        '    """Who forked this call.\n\n    Returns:\n        The parent process id.\n    """\n'
+        "    return str(os.getppid())\n"
+    )
+    toolset = tools.resolve(DataSettings(tools=[f"{tmp_path}/who.py:parent"]))
+    (call,) = toolset.tools
+    assert call.__name__ == "parent"
+    forked_from = int(call())
+    assert forked_from != os.getpid() and Path(f"/proc/{forked_from}").is_dir()
+    assert int(call()) == forked_from  # the same server for every call
