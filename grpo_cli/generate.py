@@ -311,14 +311,14 @@ class Pair:
             models.unsloth_first()
             toolset = tools.resolve(DataSettings(**{k: trained_data[k] for k in keys if k in trained_data}))
         model_name = model_name or self.manifest.get("base_model") or models.EMBEDDED
-        trained = self.manifest.get("settings", {}).get("model", {})
+        saved = self.manifest.get("settings", {}).get("model", {})
         settings = settings or ModelSettings(
             model=model_name,
-            max_seq_length=trained.get("max_seq_length", max_seq_length),  # the context it trained with
-            lora_rank=trained.get("lora_rank", 16),
-            load_in_4bit=trained.get("load_in_4bit"),
-            max_lora_rank=trained.get("max_lora_rank"),
-            random_state=trained.get("random_state", 3407),
+            max_seq_length=saved.get("max_seq_length", max_seq_length),  # the context it trained with
+            lora_rank=saved.get("lora_rank", 16),
+            load_in_4bit=saved.get("load_in_4bit"),
+            max_lora_rank=saved.get("max_lora_rank"),
+            random_state=saved.get("random_state", 3407),
         )
         # the base as the adapter was trained on it: the weights its run's plan loaded, not the ones it asked for
         self.plan = plan.for_inference(settings, self.manifest.get("plan") or trained)

@@ -287,3 +287,27 @@ def test_infer_loads_the_context_the_run_trained_with(monkeypatch, tmp_path):
     with pytest.raises(Loaded):
         Pair(None, adapter)
     assert asked[0].max_seq_length == 4096 and asked[0].random_state == 9
+
+
+@pytest.mark.parametrize("changes, weights", [({"vllm_server": "http://localhost:8000"}, "bf16"), ({}, "4bit")])
+def test_the_dry_run_samples_the_base_the_run_trains(monkeypatch, changes, weights):
+    """A server run (and FSDP2) trains a 16-bit base: its dry run samples that base, not the 4-bit one infer loads."""
+    from grpo_cli import models
+    from grpo_cli.config import load_settings
+    from grpo_cli.evaluate import reward_check
+
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(settings, plan):
+        asked.append(plan)
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: gpu_machine()))
+    settings = load_settings(None, {"model": "qwen2.5-1.5b", **changes}, announce=False)
+    with pytest.raises(Loaded):
+        reward_check(settings)
+    assert asked[0].weights == weights
