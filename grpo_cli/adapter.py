@@ -269,8 +269,7 @@ def llama_cpp_dir() -> Path:
 # The types Unsloth's export writes with llama.cpp's quantizer beyond the converter's own (unsloth.save.ALLOWED_QUANTS)
 UNSLOTH_GGUF_TYPES = (
     "q2_k", "q2_k_l", "q3_k_l", "q3_k_m", "q3_k_s", "q3_k_xs", "q4_0", "q4_1", "q4_k", "q4_k_m", "q4_k_s", "q5_0",
-    "q5_1", "q5_k", "q5_k_m", "q5_k_s", "q6_k", "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs",
-    "iq3_s", "iq3_m", "iq4_nl", "iq4_xs",
+    "q5_1", "q5_k", "q5_k_m", "q5_k_s", "q6_k",
 )  # fmt: skip
 
 
