@@ -198,3 +198,25 @@ def test_llama_cpp_loads_the_export_and_answers_as_grpo_eval(trained, gguf_type)
     print(f"{gguf_type}: {sum(same)}/{len(rows)} answers, {sum(verbatim)}/{len(rows)} texts as grpo eval --lora")
     assert any(answer(t) is not None for t in texts)  # the adapter's format comes through
     assert sum(same) >= 0.9 * len(rows), list(zip(texts, [r["completion"] for r in rows]))
+
+
+def test_on_a_gpu_the_converter_types_need_no_llama_cpp(on_gpu, monkeypatch, tmp_path):
+    """Unsloth's own export writes f16, bf16 and q8_0 with the same converter in one pass: on a GPU they go the same
+    offline route, merged in 16-bit (2 bytes a weight on disk), with no llama.cpp build asked for."""
+    from tests.fakes import adapter_dir
+
+    asked = []
+
+    def load_model(settings, plan):
+        asked.append(plan)
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setenv("UNSLOTH_LLAMA_CPP_PATH", str(tmp_path / "no-llama.cpp"))
+    run = adapter_dir(tmp_path / "run" / "adapter").parent
+    with pytest.raises(AssertionError, match="a model loaded"):
+        save_lora(run, tmp_path / "out", gguf="bf16")
+    (plan,) = asked
+    assert plan.cuda and plan.generator == "transformers" and not plan.load_in_4bit
+    with pytest.raises(GrpoError, match="no-llama.cpp lacks an executable llama-quantize"):
+        save_lora(run, tmp_path / "out", gguf="q4_k_m")
