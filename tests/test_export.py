@@ -125,7 +125,11 @@ def test_merged_is_written_in_the_16_bit_dtype_the_run_computed_in():
 # The real thing: a short run, its GGUF files, llama.cpp answering the held-out prompts as `grpo eval --lora` does
 
 PROMPTS = 30  # held-out prompts compared for each type
-
+# The share of answers that must be the ones `grpo eval --lora` (fp32 on CPU) gives. f16 holds the merged weights
+# closely enough to answer alike; in bf16 and q8_0 llama.cpp rounds weights and activations both (8 bits of
+# mantissa; 8-bit blocks), and a 135M model's digits are near ties: on the demo's adapter (30 steps), 100 prompts,
+# they agreed on 82% and 86%. A broken tokenizer or template agrees on none.
+AGREE = {"f16": 0.9, "bf16": 0.7, "q8_0": 0.7}
 
 def grpo(*args):
     result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True)
@@ -197,7 +201,7 @@ def test_llama_cpp_loads_the_export_and_answers_as_grpo_eval(trained, gguf_type)
     verbatim = [t.strip() == r["completion"].strip() for t, r in zip(texts, rows)]
     print(f"{gguf_type}: {sum(same)}/{len(rows)} answers, {sum(verbatim)}/{len(rows)} texts as grpo eval --lora")
     assert any(answer(t) is not None for t in texts)  # the adapter's format comes through
-    assert sum(same) >= 0.9 * len(rows), list(zip(texts, [r["completion"] for r in rows]))
+    assert sum(same) >= AGREE[gguf_type] * len(rows), list(zip(texts, [r["completion"] for r in rows]))
 
 
 def test_on_a_gpu_the_converter_types_need_no_llama_cpp(on_gpu, monkeypatch, tmp_path):
