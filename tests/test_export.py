@@ -127,9 +127,11 @@ def test_merged_is_written_in_the_16_bit_dtype_the_run_computed_in():
 PROMPTS = 30  # held-out prompts compared for each type
 # The share of answers that must be the ones `grpo eval --lora` (fp32 on CPU) gives. f16 holds the merged weights
 # closely enough to answer alike; in bf16 and q8_0 llama.cpp rounds weights and activations both (8 bits of
-# mantissa; 8-bit blocks), and a 135M model's digits are near ties: on the demo's adapter (30 steps), 100 prompts,
-# they agreed on 82% and 86%. A broken tokenizer or template agrees on none.
-AGREE = {"f16": 0.9, "bf16": 0.7, "q8_0": 0.7}
+# mantissa; 8-bit blocks), and a 135M model's digits are near ties: on the demo's adapter (30 steps, 100 prompts)
+# they agreed on 82% and 86%, on this test's (3 steps, 30 prompts) on 27 and 22. A broken tokenizer or template
+# agrees on none; another CPU's llama.cpp kernels round differently.
+AGREE = {"f16": 0.9, "bf16": 0.5, "q8_0": 0.5}
+
 
 def grpo(*args):
     result = subprocess.run([sys.executable, "-m", "grpo_cli", *args], capture_output=True, text=True)
