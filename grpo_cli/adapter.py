@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from grpo_cli import export
 from grpo_cli.errors import GrpoError
 
 MANIFEST = "grpo.json"
@@ -265,16 +266,29 @@ def llama_cpp_dir() -> Path:
     return Path(os.environ.get("UNSLOTH_LLAMA_CPP_PATH") or Path.home() / ".unsloth" / "llama.cpp").expanduser()
 
 
-def check_gguf_export(manifest: dict) -> None:
-    """Before any model loads: a GPU for Unsloth's export, and a llama.cpp it can use. Without one Unsloth would
-    download and build it after the 16-bit merge, which needs the network and a compiler."""
+# The types Unsloth's export writes with llama.cpp's quantizer beyond the converter's own (unsloth.save.ALLOWED_QUANTS)
+UNSLOTH_GGUF_TYPES = (
+    "q2_k", "q2_k_l", "q3_k_l", "q3_k_m", "q3_k_s", "q3_k_xs", "q4_0", "q4_1", "q4_k", "q4_k_m", "q4_k_s", "q5_0",
+    "q5_1", "q5_k", "q5_k_m", "q5_k_s", "q6_k",
+)  # fmt: skip
+
+
+def check_gguf_export(manifest: dict, gguf: str) -> None:
+    """Before any model loads. f16, bf16 and q8_0 anywhere (grpo_cli/export.py); the other types through Unsloth's
+    GPU export and a llama.cpp it can use. Without one Unsloth would download and build it after the 16-bit merge,
+    which needs the network and a compiler."""
     from grpo_cli.config import ModelSettings
     from grpo_cli.plan import for_inference
 
+    here = ", ".join(export.GGUF_TYPES)
+    if gguf not in UNSLOTH_GGUF_TYPES:
+        raise GrpoError(
+            f"--gguf {gguf} is not a GGUF type grpo writes: use {here} (any machine), or on a GPU with llama.cpp "
+            "built a K-quant such as q4_k_m"
+        )
     if not for_inference(ModelSettings(model=manifest["base_model"]), manifest.get("plan")).cuda:
         raise GrpoError(
-            "--gguf needs Unsloth's GPU backend: here, write --merged and convert that directory with llama.cpp's "
-            "convert_hf_to_gguf.py"
+            f"--gguf {gguf} needs llama.cpp's quantizer, which Unsloth's GPU export runs: here, use --gguf {here}"
         )
     folder = llama_cpp_dir()
     quantizer = any(os.access(folder / name, os.X_OK) for name in LLAMA_CPP_QUANTIZERS)
@@ -284,12 +298,14 @@ def check_gguf_export(manifest: dict) -> None:
             [f"an executable {LLAMA_CPP_QUANTIZERS[0]}"] * (not quantizer) + [LLAMA_CPP_CONVERTERS[0]] * (not converter)
         )
         raise GrpoError(
-            f"--gguf: llama.cpp at {folder} lacks {missing}: build llama.cpp, copy build/bin/llama-quantize into "
-            "its root, and set UNSLOTH_LLAMA_CPP_PATH to that folder (or write --merged and convert it yourself)"
+            f"--gguf {gguf}: llama.cpp at {folder} lacks {missing}: build llama.cpp, copy build/bin/llama-quantize "
+            f"into its root, and set UNSLOTH_LLAMA_CPP_PATH to that folder (or use --gguf {here}, which needs neither)"
         )
 
 
 def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, force: bool) -> Path:
+    from grpo_cli.plan import for_inference
+
     adapter, manifest = find_adapter(source)
     if not manifest:
         raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
@@ -297,7 +313,15 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
     if occupied(out_dir) and not force:
         raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
     if gguf:
-        check_gguf_export(manifest)
+        gguf = gguf.lower()
+        if gguf in export.GGUF_TYPES:
+            # llama.cpp's converter, present; the Modelfile writable; room for the merged model and the file
+            folder = export.check_converter()
+            export.check_modelfile(manifest)
+            merged_bytes = 2 if for_inference(settings_of(manifest), manifest.get("plan")).cuda else 4
+            export.check_disk(out_dir, gguf, export.base_weights(manifest["base_model"]), merged_bytes)
+        else:
+            check_gguf_export(manifest, gguf)
     if not (merged or gguf):
 
         def write(tmp: Path) -> None:
@@ -310,12 +334,10 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
 
     # Merged 16-bit weights, or GGUF from them: the base unquantized, with no vLLM engine beside it; unsloth is
     # imported first (load_model, or from_pretrained here), then PEFT
-    from grpo_cli.config import ModelSettings
     from grpo_cli.models import load_model
-    from grpo_cli.plan import for_inference
 
-    settings = ModelSettings(model=manifest["base_model"], fast_inference=False, load_in_4bit=False)
-    if gguf:
+    settings = settings_of(manifest)
+    if gguf and gguf not in export.GGUF_TYPES:
         from unsloth import FastLanguageModel
 
         # Unsloth's GGUF export merges the adapter itself: it needs the PEFT model that from_pretrained returns for an
@@ -337,16 +359,43 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
             for path in tmp.iterdir():
                 if path.is_dir():
                     shutil.rmtree(path)
+            (tmp / "Modelfile").write_text(export.modelfile(manifest, written[0].name))
+            write_json(tmp / MANIFEST, manifest | {"format": f"gguf {gguf}"})
+
+        return publish(out_dir, write, force)
+
+    model, tokenizer = load_model(settings, for_inference(settings))
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    if gguf:
+
+        def write(tmp: Path) -> None:
+            # the merged model as it computed (fp32 on CPU), converted once into the file, then dropped
+            merged = tmp / ".merged"
+            model.save_pretrained(merged)
+            tokenizer.save_pretrained(merged)
+            name = export.file_name(gguf)
+            export.convert(merged, tmp / name, gguf, manifest, folder)
+            shutil.rmtree(merged)
+            (tmp / "Modelfile").write_text(export.modelfile(manifest, name))
             write_json(tmp / MANIFEST, manifest | {"format": f"gguf {gguf}"})
     else:
-        model, tokenizer = load_model(settings, for_inference(settings))
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        dtype = export.merged_dtype(manifest)
+        model = model.to(dtype)  # 16-bit as said, whatever the run computed in (fp32 on CPU)
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            write_json(tmp / MANIFEST, manifest | {"format": "merged 16-bit"})
+            write_json(
+                tmp / MANIFEST, manifest | {"format": "merged 16-bit", "dtype": str(dtype).removeprefix("torch.")}
+            )
 
     return publish(out_dir, write, force)
+
+
+def settings_of(manifest: dict):
+    """The base as a merge loads it: unquantized, with no vLLM engine."""
+    from grpo_cli.config import ModelSettings
+
+    return ModelSettings(model=manifest["base_model"], fast_inference=False, load_in_4bit=False)

@@ -213,9 +213,15 @@ def serve(
 def save_lora(
     source: Annotated[Path, typer.Argument(help="A training output directory or one of its checkpoint-N directories.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the adapter (must be new or empty).")],
-    merged: Annotated[bool, typer.Option(help="Write the base model with the adapter merged in, 16-bit.")] = False,
+    merged: Annotated[
+        bool, typer.Option(help="Write the base model with the adapter merged in, 16-bit (bf16; fp16 if trained so).")
+    ] = False,
     gguf: Annotated[
-        str | None, typer.Option(help="Write a GGUF file with this quantization (e.g. q4_k_m); GPU.")
+        str | None,
+        typer.Option(
+            help="Write a GGUF file and an Ollama Modelfile: f16, bf16 or q8_0 anywhere, offline; K-quants "
+            "(q4_k_m, ...) on a GPU with llama.cpp built."
+        ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,
     push_to_hub: Annotated[

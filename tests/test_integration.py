@@ -260,15 +260,20 @@ def test_save_lora_merged_and_gguf_on_cpu(run, tmp_path):
         "unsloth",
         "peft",
     ]
-    assert json.loads((tmp_path / "merged" / "grpo.json").read_text())["format"] == "merged 16-bit"
+    saved = json.loads((tmp_path / "merged" / "grpo.json").read_text())
+    assert saved["format"] == "merged 16-bit" and saved["dtype"] == "bfloat16"  # the run computed in fp32 on CPU
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     base = load_file(Path(resolve_model("smollm2-135m")) / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}
+    weights = sum(t.numel() for t in merged.values())
+    assert (tmp_path / "merged" / "model.safetensors").stat().st_size < 2 * weights + 1e6  # 16-bit, not fp32
     name = "model.layers.0.self_attn.q_proj.weight"
     # without the merge these would be equal: the base is saved in the merged model's dtype
     assert merged[name].shape == base[name].shape and not torch.equal(merged[name], base[name].to(merged[name].dtype))
 
     refused = grpo("save-lora", str(run[0]), str(tmp_path / "gguf"), "--gguf", "q4_k_m", check=False)
-    assert refused.returncode == 2 and "write --merged and convert" in refused.stderr
+    assert refused.returncode == 2 and "here, use --gguf f16, bf16, q8_0" in refused.stderr
     assert not (tmp_path / "gguf").exists()
 
 
