@@ -1,6 +1,7 @@
 """`grpo train`: the settings, the plan, the model, the data, the trainer, training, the adapter."""
 
 import importlib.util
+import os
 import signal
 import sys
 import time
@@ -83,6 +84,17 @@ def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: b
         models.check_server(settings.model.vllm_server)
     if plan.problem:
         raise GrpoError(plan.problem)
+    if settings.train.dynamic_sampling and plan.processes > 1:
+        raise GrpoError(
+            f"dynamic sampling keeps a group whole on one process: it runs alone, not under {plan.strategy} with "
+            f"{plan.processes} processes; drop --dynamic-sampling or train in one process"
+        )
+    weights = [v for v in ("UNSLOTH_GRPO_ZERO_VARIANCE_EXCLUDE", "UNSLOTH_GRPO_LOSS_AGGREGATION") if os.environ.get(v)]
+    if settings.train.dynamic_sampling and plan.unsloth and weights:
+        raise GrpoError(
+            f"{weights[0]}: Unsloth's loss weights are normalized over one generation round, and dynamic sampling "
+            "merges several: unset it (dynamic sampling drops the groups without spread itself)"
+        )
     output_dir = Path(settings.train.output_dir)
     runs.check_lock(output_dir)
     runs.check_output_dir(output_dir, bool(resume), overwrite)
@@ -166,6 +178,7 @@ def build_trainer(
         ],
     )
     log.trainer = watch.trainer = trainer
+    trainer.dynamic_sampling_rounds = t.dynamic_sampling_rounds if t.dynamic_sampling else None
     trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
     if held_out is not None:
         evaluator = callbacks.held_out_eval(settings, plan, held_out, tokenizer, output_dir, toolset)
