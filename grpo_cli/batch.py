@@ -1,8 +1,10 @@
-"""Dynamic sampling (DAPO): a training batch of groups whose rewards vary. A group whose completions all score the
-same has zero advantage and gives no gradient; its generation is spent for nothing. Here such groups are dropped
-where the trainer builds a batch (``_generate_and_score_completions``, TRL's and Unsloth's alike) and more prompts
-are generated, a round at a time, until the batch is full or the rounds allowed are spent; then the step trains on
-what it has, the groups without spread filling the rest, and says so in its metrics.
+"""How the trainer builds a training batch (``_generate_and_score_completions``, TRL's and Unsloth's alike): the
+sampler's rows at the curriculum's current level (grpo_cli/curriculum.py), then dynamic sampling.
+
+Dynamic sampling (DAPO): a group whose completions all score the same has zero advantage and gives no gradient; its
+generation is spent for nothing. Such groups are dropped and more prompts are generated, a round at a time, until
+the batch is full or the rounds allowed are spent; then the step trains on what it has, the groups without spread
+filling the rest, and says so in its metrics.
 
 The extra prompts come from a stream of their own, drawn from the training set by the seed, the step and the round:
 the sampler's own order is untouched, so the prompts a seed gives each step are those it gives without dynamic
@@ -116,11 +118,12 @@ def extra_indices(seed: int, step: int, round_: int, size: int, count: int) -> l
     return rng.sample(range(size), min(count, size))
 
 
-class DynamicSampling:
-    """Mixed into the GRPOTrainer class (TRL's, or Unsloth's where it trains): ``dynamic_sampling_rounds`` None is
-    off; else the extra generation rounds a step may take."""
+class BatchBuilder:
+    """Mixed into the GRPOTrainer class (TRL's, or Unsloth's where it trains). ``dynamic_sampling_rounds``: None is
+    off, else the extra generation rounds a step may take; ``curriculum``: a Curriculum, or None."""
 
     dynamic_sampling_rounds: int | None = None
+    curriculum = None
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -128,15 +131,47 @@ class DynamicSampling:
         return rewards
 
     def _generate_and_score_completions(self, inputs):
+        training = self.model.training
+        if training and self.curriculum is not None:
+            inputs = self.curriculum.stage(inputs)
         output = super()._generate_and_score_completions(inputs)
-        if self.dynamic_sampling_rounds is None or not self.model.training:
+        if not training:
             return output
-        return self._fill_batch(inputs, output)
+        sampled = self._round_rewards  # the sampler's batch: what the curriculum reads
+        if self.dynamic_sampling_rounds is not None:
+            output = self._fill_batch(inputs, output)
+        if self.curriculum is not None:
+            self._follow(sampled)
+        return output
+
+    def _follow(self, rewards) -> None:
+        """The curriculum reads the task's score of the sampler's batch; its level goes into the step's metrics."""
+        from grpo_cli.curriculum import REWARD
+
+        column = [i for i, name in enumerate(self.reward_func_names) if name.removesuffix("_reward") == REWARD]
+        moved = self.curriculum.observe(rewards[:, column[0]], self.num_generations) if column else None
+        if moved and self.accelerator.is_main_process:
+            print(moved, flush=True)
+        self._metrics["train"]["curriculum/level"].append(float(self.curriculum.level))
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.curriculum is not None and self.accelerator.is_main_process:
+            import json
+            import os
+
+            from grpo_cli.curriculum import STATE
+
+            folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(folder, STATE), "w") as f:
+                json.dump(self.curriculum.state(), f)
 
     def _extra_rows(self, count: int, round_: int) -> list[dict]:
-        """Each of ``count`` extra prompts, repeated for its group as TRL's sampler repeats it."""
+        """Each of ``count`` extra prompts, repeated for its group as TRL's sampler repeats it, at the curriculum's
+        level."""
         picked = extra_indices(self.args.seed, self.state.global_step, round_, len(self.train_dataset), count)
-        return [self.train_dataset[i] for i in picked for _ in range(self.num_generations)]
+        rows = [self.train_dataset[i] for i in picked for _ in range(self.num_generations)]
+        return self.curriculum.stage(rows) if self.curriculum is not None else rows
 
     def _fill_batch(self, inputs: list[dict], output: dict) -> dict:
         group = self.num_generations

@@ -62,8 +62,9 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
             self.skipped = skipped
             held_out = eval_line(logs) if "eval_accuracy" in logs else None
             line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length,
-                    tool_part(logs, "tools/call_frequency", "tools/failure_frequency"), sampling_part(logs), nan,
-                    seconds, held_out]  # fmt: skip
+                    tool_part(logs, "tools/call_frequency", "tools/failure_frequency"), sampling_part(logs),
+                    f"level {logs['curriculum/level']:g}" if "curriculum/level" in logs else None, nan, seconds,
+                    held_out]  # fmt: skip
             console.print(" | ".join(part for part in line if part))
             accuracy = f"eval acc {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else None
             status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length, accuracy) if part)

@@ -87,6 +87,7 @@ class DataSettings:
     tool_timeout: float | None = 10.0  # seconds a tool call may take before it is stopped and reported as failed
     task_settings: dict = field(default_factory=dict)  # reasoning-gym:TASK: the task's own settings (seed, size, ...)
     difficulty: int | None = None  # reasoning-gym:TASK: the level of the task's curriculum to start at
+    curriculum: bool | dict | None = None  # reasoning-gym:TASK: the level follows the model (grpo_cli/curriculum.py)
 
 
 @dataclass
@@ -378,6 +379,10 @@ def validate(s: Settings) -> None:
         raise GrpoError(
             f"dynamic_sampling_rounds must be 0 or more extra generation rounds, got {t.dynamic_sampling_rounds}: try 2"
         )
+    if d.curriculum:
+        from grpo_cli.curriculum import check_curriculum
+
+        check_curriculum(d, d.rewards)
     if (d.task_settings or d.difficulty is not None) and not d.dataset.startswith("reasoning-gym:"):
         raise GrpoError(
             f"task_settings and difficulty are a reasoning-gym task's: {d.dataset} is none, use --dataset reasoning-gym:TASK"

@@ -55,6 +55,8 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
             write_json(output_dir / MANIFEST, manifest)
             if checkpoint:
                 report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
+        if checkpoint and trainer.curriculum is not None:  # the level where the checkpoint left it
+            trainer.curriculum.resume(Path(checkpoint))
 
         # 6. Train: Ctrl-C or SIGTERM stops after the current step; a failure keeps what the completed steps made
         started = time.time()
@@ -158,7 +160,7 @@ def build_trainer(
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from grpo_cli import callbacks
+    from grpo_cli import callbacks, curriculum
     from grpo_cli.trainer import trainer_class
 
     t, output_dir = settings.train, Path(settings.train.output_dir)
@@ -179,6 +181,7 @@ def build_trainer(
     )
     log.trainer = watch.trainer = trainer
     trainer.dynamic_sampling_rounds = t.dynamic_sampling_rounds if t.dynamic_sampling else None
+    trainer.curriculum = curriculum.for_run(settings.data)
     trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
     if held_out is not None:
         evaluator = callbacks.held_out_eval(settings, plan, held_out, tokenizer, output_dir, toolset)

@@ -73,16 +73,16 @@ def grpo_config(settings: Settings, plan: Plan):
 
 def trainer_class(plan: Plan):
     """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite and
-    dynamic sampling where the batch is built (grpo_cli/batch.py); otherwise used as it is on a GPU. Where the plan has the CPU speed paths, its transformers generation runs
+    the batch built as grpo_cli/batch.py says (curriculum, dynamic sampling); otherwise used as it is on a GPU. Where the plan has the CPU speed paths, its transformers generation runs
     with the LoRA folded into the weights and faster sampling, and its log-prob forward computes each prompt once
     for its group."""
     import torch
     from trl import GRPOTrainer
 
-    from grpo_cli.batch import DynamicSampling
+    from grpo_cli.batch import BatchBuilder
     from grpo_cli.generate import cpu_generation, prompts_prefilled_once, shared_prompt_logps
 
-    class Trainer(DynamicSampling, GRPOTrainer):
+    class Trainer(BatchBuilder, GRPOTrainer):
         def compute_loss(self, *args, **kwargs):
             out = super().compute_loss(*args, **kwargs)
             loss = out[0] if isinstance(out, tuple) else out

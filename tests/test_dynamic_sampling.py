@@ -19,6 +19,10 @@ def spread_or_flat(prompts, completions, **kwargs):
 
 @pytest.fixture
 def trainer(tmp_path, monkeypatch):
+    return make_trainer(tmp_path, monkeypatch)
+
+
+def make_trainer(tmp_path, monkeypatch, rewards=(spread_or_flat,)):
     """grpo's trainer class on the CPU plan, around a two-layer Llama: 2 groups of 2 completions a step."""
     from datasets import Dataset
     from trl import GRPOConfig
@@ -38,7 +42,7 @@ def trainer(tmp_path, monkeypatch):
     )  # fmt: skip
     prompts = [f"{FLAT} w4", f"{FLAT} w5 w6", "w7 w8", "w9 w10 w11 w12", "w13", "w14 w15", "w16 w17 w18", "w19"]
     trainer = trainer_class(resolve(Settings(), Machine()))(
-        model=model, reward_funcs=spread_or_flat, args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+        model=model, reward_funcs=list(rewards), args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
         processing_class=tokenizer,
     )  # fmt: skip
     trainer.model.train()
@@ -193,3 +197,20 @@ def test_every_key_of_trls_and_unsloths_batch_is_known():
     body = source_file("trl.trainer.grpo_trainer").read_text()
     literal = re.search(r"output = \{\n(.*?)\n        \}", body, re.S)[1]
     assert set(re.findall(r'"(\w+)":', literal)) <= known
+
+
+def test_the_curriculum_reads_the_task_score_column_of_the_sampled_batch(tmp_path, monkeypatch, capsys):
+    """Under TRL's own reward names (the function's __name__), the curriculum finds task_score and moves."""
+    import dataclasses
+
+    from grpo_cli.curriculum import Curriculum
+    from tests.test_curriculum import CHAIN
+
+    def task_score_reward(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = make_trainer(tmp_path, monkeypatch, (spread_or_flat, task_score_reward))
+    trainer.curriculum = Curriculum(dataclasses.replace(CHAIN, curriculum={"window": 1}))
+    trainer._generate_and_score_completions(rows("w7 w8", "w13"))
+    assert trainer.curriculum.level == 1 and "level 0 -> 1" in capsys.readouterr().out
+    assert trainer._metrics["train"]["curriculum/level"] == [1.0]
