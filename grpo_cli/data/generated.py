@@ -116,20 +116,70 @@ def _function_task(rng: random.Random) -> dict:
     }
 
 
-def function_tasks(split: str, count: int = 1000, seed: int = 0) -> list[dict]:
+TWO_STEP = "two-step-functions"
+
+# Two steps on one value, each (name, what it does, body over v): the task asks for one after the other
+_STEPS = {
+    "x": [
+        ("add_{k}", "add {k}", "v + {k}"), ("times_{k}", "multiply by {k}", "v * {k}"),
+        ("minus_{k}", "subtract {k}", "v - {k}"), ("square", "square it", "v * v"), ("negate", "negate it", "-v"),
+        ("halve", "integer-divide by 2", "v // 2"), ("mod_{k}", "take the remainder of division by {k}", "v % {k}"),
+    ],
+    "numbers": [
+        ("sort", "sort it in increasing order", "sorted(v)"), ("reverse", "reverse it", "v[::-1]"),
+        ("add_{k}", "add {k} to every number", "[n + {k} for n in v]"),
+        ("keep_even", "keep only the even numbers", "[n for n in v if n % 2 == 0]"),
+        ("drop_first", "drop the first item", "v[1:]"), ("double", "double every number", "[2 * n for n in v]"),
+    ],
+    "s": [
+        ("reverse", "reverse it", "v[::-1]"), ("upper", "put it in upper case", "v.upper()"),
+        ("drop_first", "drop the first letter", "v[1:]"), ("repeat_{k}", "repeat it {k} times", "v * {k}"),
+        ("drop_{c}", "remove every letter '{c}'", "v.replace('{c}', '')"),
+    ],
+}  # fmt: skip
+_INPUTS = {"x": _number, "numbers": lambda r: [_ints(r, 5)], "s": lambda r: [_words(r)]}
+
+
+def _two_step_task(rng: random.Random) -> dict:
+    arg = rng.choice(list(_STEPS))
+    first, second = rng.sample(_STEPS[arg], 2)
+    k, c = rng.randint(2, 9), rng.choice("abcdeilmnorst")
+    (n1, d1, b1), (n2, d2, b2) = ((t.format(k=k, c=c) for t in step) for step in (first, second))
+    name = f"{n1}_then_{n2}"
+    source = f"def {name}({arg}):\n    return {b2.replace('v', '(' + b1.replace('v', arg) + ')')}\n"
+    namespace = {}
+    exec(source, namespace)  # our own reference solution, to compute the expected values
+    cases = [_INPUTS[arg](rng) for _ in range(4)]
+    checks = "".join(
+        f"    assert candidate({', '.join(map(repr, case))}) == {namespace[name](*case)!r}\n" for case in cases
+    )
+    return {
+        "question": f"Write a function {name}({arg}) that takes {arg}, first does this: {d1}; then does this to the "
+        f"result: {d2}; and returns what comes out.",
+        "answer": source,
+        "test": f"def check(candidate):\n{checks}",
+        "entry_point": name,
+    }
+
+
+def function_tasks(split: str, count: int = 1000, seed: int = 0, two_step: bool = False) -> list[dict]:
     """Seeded small function-writing tasks with HumanEval-style tests (``test``, ``entry_point``); ``test`` is
-    disjoint from ``train`` (no task text in both).
+    disjoint from ``train`` (no task text in both). ``two_step``: each task chains two steps on one value, which
+    the embedded model gets right far less often.
 
     >>> task = function_tasks("test", 1)[0]
     >>> task["question"].startswith("Write a function ") and "def check(candidate)" in task["test"]
     True
+    >>> function_tasks("test", two_step=True)[0]["entry_point"].count("_then_")
+    1
     """
+    make = _two_step_task if two_step else _function_task
     rng, seen, rows = random.Random(seed), set(), []
     wanted = FUNCTIONS_HELD_OUT if split == "test" else FUNCTIONS_HELD_OUT + count
     for _ in range(50 * wanted):  # the task texts are finite: stop when no new one comes
         if len(rows) == wanted:
             break
-        task = _function_task(rng)
+        task = make(rng)
         if task["question"] not in seen:
             seen.add(task["question"])
             rows.append(task)
