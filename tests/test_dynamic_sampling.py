@@ -214,3 +214,14 @@ def test_the_curriculum_reads_the_task_score_column_of_the_sampled_batch(tmp_pat
     trainer._generate_and_score_completions(rows("w7 w8", "w13"))
     assert trainer.curriculum.level == 1 and "level 0 -> 1" in capsys.readouterr().out
     assert trainer._metrics["train"]["curriculum/level"] == [1.0]
+
+
+def test_unsloths_patched_batch_still_asks_the_trainer_for_its_rewards():
+    """On a GPU the trainer under the mixin is Unsloth's compiled GRPOTrainer: its rewards still come through
+    self._calculate_rewards (the mixin keeps them), and its wrapper of _generate_and_score_completions is a method
+    the mixin's super() reaches."""
+    replacements = source_file("unsloth.models.rl_replacements").read_text()
+    assert "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)" in replacements
+    rl = source_file("unsloth.models.rl").read_text()
+    assert "trainer_cls._generate_and_score_completions = wrapped" in rl
+    assert "return original(self, *args, **kwargs)" in rl
