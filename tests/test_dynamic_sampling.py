@@ -221,7 +221,9 @@ def test_unsloths_patched_batch_still_asks_the_trainer_for_its_rewards():
     self._calculate_rewards (the mixin keeps them), and its wrapper of _generate_and_score_completions is a method
     the mixin's super() reaches."""
     replacements = source_file("unsloth.models.rl_replacements").read_text()
-    assert "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)" in replacements
+    assert (
+        "rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids_list)" in replacements
+    )
     rl = source_file("unsloth.models.rl").read_text()
     assert "trainer_cls._generate_and_score_completions = wrapped" in rl
     assert "return original(self, *args, **kwargs)" in rl

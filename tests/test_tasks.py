@@ -16,7 +16,14 @@ CHAIN = DataSettings(dataset="reasoning-gym:chain_sum", task_settings={"size": 6
 
 
 def test_every_source_is_found_by_its_name_or_prefix_and_the_rest_are_files_or_the_hub():
-    assert set(SOURCES) == {"arithmetic", "big-arithmetic", "functions", "two-step-functions", "humaneval", "reasoning-gym"}
+    assert set(SOURCES) == {
+        "arithmetic",
+        "big-arithmetic",
+        "functions",
+        "two-step-functions",
+        "humaneval",
+        "reasoning-gym",
+    }
     assert source("reasoning-gym:gcd") is SOURCES["reasoning-gym"]
     assert source("data/train.jsonl") is None and source("openai/gsm8k") is None and source("c:/x.csv") is None
 
