@@ -5,6 +5,8 @@ import json
 
 import pytest
 
+from grpo_cli.config import DataSettings
+from grpo_cli.data import load_examples
 from tests.test_integration import grpo
 
 pytestmark = pytest.mark.slow
@@ -38,7 +40,9 @@ def test_a_reasoning_gym_task_trains_with_dynamic_sampling_resumes_and_evaluates
     grpo("train", "--resume", "latest", "--output-dir", str(out), "--max-steps", "3")
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 3
 
-    evaluated = grpo("eval", "--lora", str(out / "adapter"), "--limit", "4", "--output-dir", str(tmp_path / "eval"))
-    assert "4 held-out prompts from reasoning-gym:chain_sum" in evaluated.stdout
+    grpo("eval", "--lora", str(out / "adapter"), "--limit", "4", "--output-dir", str(tmp_path / "eval"))
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert report["split"] == "test" and "task_score" in report["summary"]["adapter"]
+    assert (report["dataset"], report["split"], report["prompts"]) == ("reasoning-gym:chain_sum", "test", 4)
+    assert "task_score" in report["summary"]["adapter"]
+    test = DataSettings(dataset="reasoning-gym:chain_sum", split="test", difficulty=0, limit=4, system_prompt="")
+    assert [row["question"] for row in report["base"]] == [e["prompt"][-1]["content"] for e in load_examples(test)]
