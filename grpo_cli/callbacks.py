@@ -62,7 +62,9 @@ def step_log(output_dir: Path, reward_funcs: list = (), sample_every: int = 10):
             self.skipped = skipped
             held_out = eval_line(logs) if "eval_accuracy" in logs else None
             line = [f"step {step}/{state.max_steps}", f"reward {logs['reward']:.3f}", *per_reward, kl, length,
-                    tool_part(logs, "tools/call_frequency", "tools/failure_frequency"), nan, seconds, held_out]  # fmt: skip
+                    tool_part(logs, "tools/call_frequency", "tools/failure_frequency"), sampling_part(logs),
+                    f"level {logs['curriculum/level']:g}" if "curriculum/level" in logs else None, nan, seconds,
+                    held_out]  # fmt: skip
             console.print(" | ".join(part for part in line if part))
             accuracy = f"eval acc {logs['eval_accuracy']:.1%}" if "eval_accuracy" in logs else None
             status = " | ".join(part for part in (f"reward {logs['reward']:.3f}", kl, length, accuracy) if part)
@@ -116,7 +118,13 @@ def no_signal_watch(steps: int, stop: bool):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "frac_reward_zero_std" not in logs:
                 return
-            self.flat = self.flat + 1 if logs["frac_reward_zero_std"] >= 1.0 else 0
+            # with dynamic sampling, what counts is the batch trained on: flat only when no round found any spread
+            trained = logs.get("dynamic_sampling/flat_groups_trained")
+            if trained is None:
+                flat = logs["frac_reward_zero_std"] >= 1.0
+            else:
+                flat = trained >= args.generation_batch_size // args.num_generations
+            self.flat = self.flat + 1 if flat else 0
             if self.flat < steps or self.warned:
                 return
             completions = list(getattr(self.trainer, "_logs", {}).get("completion", []))
@@ -208,6 +216,32 @@ def tool_part(logs: dict, calls: str, failures: str) -> str | None:
     if calls not in logs:
         return None
     return f"tools {logs[calls]:.2f}/completion, {logs.get(failures, 0.0):.0%} failed"
+
+
+def sampling_part(logs: dict) -> str | None:
+    """What dynamic sampling did in the step: groups without spread dropped, extra generation, and at its limit the
+    groups without spread the batch was filled with.
+
+    >>> sampling_part({"dynamic_sampling/dropped_groups": 3, "dynamic_sampling/extra_rounds": 2,
+    ...                "dynamic_sampling/extra_completions": 24, "dynamic_sampling/flat_groups_trained": 1})
+    'dropped 3 flat groups, +2 rounds (24 completions), limit reached: 1 flat group trained'
+    >>> sampling_part({"dynamic_sampling/dropped_groups": 0, "dynamic_sampling/extra_rounds": 0,
+    ...                "dynamic_sampling/extra_completions": 0, "dynamic_sampling/flat_groups_trained": 0})
+    'every group has spread'
+    """
+    if "dynamic_sampling/extra_rounds" not in logs:
+        return None
+    dropped, rounds = logs["dynamic_sampling/dropped_groups"], logs["dynamic_sampling/extra_rounds"]
+    filled = logs["dynamic_sampling/flat_groups_trained"]
+    if not dropped and not rounds and not filled:
+        return "every group has spread"
+    plural = lambda n, word: f"{n:g} {word}{'' if n == 1 else 's'}"  # noqa: E731
+    parts = [f"dropped {plural(dropped, 'flat group')}"]
+    if rounds:
+        parts.append(f"+{plural(rounds, 'round')} ({logs['dynamic_sampling/extra_completions']:g} completions)")
+    if filled:
+        parts.append(f"limit reached: {plural(filled, 'flat group')} trained")
+    return ", ".join(parts)
 
 
 def eval_line(logs: dict) -> str:

@@ -43,7 +43,9 @@ def train(
     ] = None,
     dataset: Annotated[
         str | None,
-        typer.Option(help="arithmetic (generated), gsm8k, a hub id, a dataset folder, or data files (a glob works)."),
+        typer.Option(
+            help="arithmetic (generated), reasoning-gym:TASK, gsm8k, a hub id, a dataset folder, or data files (a glob works)."
+        ),
     ] = None,
     dataset_config: Annotated[str | None, typer.Option(help="A hub data set's configuration.")] = None,
     split: Annotated[str | None, typer.Option(help="The split to train on (train).")] = None,
@@ -104,6 +106,15 @@ def train(
         bool | None,
         typer.Option("--stop-on-no-signal", help="Stop, with a checkpoint, when rewards give no signal for a while."),
     ] = None,
+    dynamic_sampling: Annotated[
+        bool | None,
+        typer.Option(
+            "--dynamic-sampling", help="Drop groups whose rewards do not vary; generate more until the batch is full."
+        ),
+    ] = None,
+    dynamic_sampling_rounds: Annotated[
+        int | None, typer.Option(help="Extra generation rounds a step may take to fill its batch (2).")
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option(help="Check the rewards on base-model samples of 8 prompts; train nothing.")
     ] = False,
@@ -126,7 +137,7 @@ def train(
         num_iterations=num_iterations, loss_type=loss_type, temperature=temperature, seed=seed,
         limit=limit, output_dir=output_dir, save_steps=save_steps, stop_on_no_signal=stop_on_no_signal,
         report_to=report_to, eval_steps=eval_steps, eval_limit=eval_limit, eval_dataset=eval_dataset,
-        eval_split=eval_split,
+        eval_split=eval_split, dynamic_sampling=dynamic_sampling, dynamic_sampling_rounds=dynamic_sampling_rounds,
     )  # fmt: skip
     recipe = str(config) if config else None
     try:
@@ -346,7 +357,7 @@ def evaluate(
 
     from grpo_cli.adapter import find_adapter
     from grpo_cli.config import DataSettings
-    from grpo_cli.data import code_columns, load_examples
+    from grpo_cli.data import TASK_COLUMN, code_columns, load_examples
     from grpo_cli.evaluate import COLUMNS, check_output_dir, flipped
     from grpo_cli.evaluate import evaluate as run
     from grpo_cli.generate import Pair, Sampling
@@ -364,13 +375,16 @@ def evaluate(
         system_prompt=manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
         question_template=trained.get("data", {}).get("question_template", "{question}"),
         environment=None if tool else trained.get("data", {}).get("environment"),  # its rows keep their columns
+        **task_as_trained(dataset, trained.get("data", {})),
         limit=limit,
     )
-    code = bool(code_columns(load_examples(data)[0]))
+    first = load_examples(data)[0]
+    code = bool(code_columns(first))
     toolset = offered_tools(tool, lora)
     pair = Pair(model, lora, toolset=toolset)
     print(pair.plan.line())
-    rewards = reward or manifest.get("rewards") or (["code_tests"] if code else ["numeric_correctness"])
+    default = ["code_tests"] if code else ["task_score"] if TASK_COLUMN in first else ["numeric_correctness"]
+    rewards = reward or manifest.get("rewards") or default
     length = max_tokens or trained.get("train", {}).get("max_completion_length", 256)
     sampling = Sampling(temperature=temperature, max_tokens=length, seed=seed, greedy=not sample)
     summaries, base, tuned = run(pair, data, sampling, rewards, output_dir, overwrite)
@@ -402,6 +416,14 @@ def evaluate(
                     highlight=False,
                 )
     console.print(f"Per-prompt results: {output_dir}/eval.json, {output_dir}/eval.csv")
+
+
+def task_as_trained(dataset: str | None, trained: dict) -> dict:
+    """A reasoning-gym task's settings and difficulty as the adapter was trained on them, where eval scores that
+    task (its held-out items, from their own seed)."""
+    if dataset and dataset != trained.get("dataset"):
+        return {}
+    return {"task_settings": trained.get("task_settings") or {}, "difficulty": trained.get("difficulty")}
 
 
 @app.command()

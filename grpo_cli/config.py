@@ -85,6 +85,9 @@ class DataSettings:
     environment: str | dict | None = None  # file.py:Class, or {name: file.py:Class} picked by the data's environment
     max_tool_calling_iterations: int = 3  # tool rounds a completion may take
     tool_timeout: float | None = 10.0  # seconds a tool call may take before it is stopped and reported as failed
+    task_settings: dict = field(default_factory=dict)  # reasoning-gym:TASK: the task's own settings (seed, size, ...)
+    difficulty: int | None = None  # reasoning-gym:TASK: the level of the task's curriculum to start at
+    curriculum: bool | dict | None = None  # reasoning-gym:TASK: the level follows the model (grpo_cli/curriculum.py)
 
 
 @dataclass
@@ -116,6 +119,8 @@ class TrainSettings:
     eval_limit: int = 100  # held-out prompts an evaluation scores
     no_signal_steps: int = 10  # warn when no group has had any reward spread for this many steps in a row
     stop_on_no_signal: bool = False  # then stop, with a checkpoint
+    dynamic_sampling: bool = False  # drop groups without reward spread, generate more until the batch is full
+    dynamic_sampling_rounds: int = 2  # extra generation rounds a step may take to fill its batch
     extra: dict = field(default_factory=dict)  # any other GRPOConfig field, from a recipe
 
 
@@ -402,6 +407,18 @@ def validate(s: Settings) -> None:
         raise GrpoError(f"eval_steps must be a positive integer, got {t.eval_steps}: try 10")
     if m.vllm_server is not None and not m.vllm_server.startswith(("http://", "https://")):
         raise GrpoError(f"vllm_server {m.vllm_server!r} is no URL: give http://HOST:PORT, as `grpo serve` prints it")
+    if t.dynamic_sampling_rounds is None or t.dynamic_sampling_rounds < 0:
+        raise GrpoError(
+            f"dynamic_sampling_rounds must be 0 or more extra generation rounds, got {t.dynamic_sampling_rounds}: try 2"
+        )
+    if d.curriculum:
+        from grpo_cli.curriculum import check_curriculum
+
+        check_curriculum(d, d.rewards)
+    if (d.task_settings or d.difficulty is not None) and not d.dataset.startswith("reasoning-gym:"):
+        raise GrpoError(
+            f"task_settings and difficulty are a reasoning-gym task's: {d.dataset} is none, use --dataset reasoning-gym:TASK"
+        )
     if t.report_to not in LOGGERS:
         raise GrpoError(f"report_to {t.report_to!r} is not a logger grpo knows: use {', '.join(LOGGERS)}")
     if not d.rewards:

@@ -2,18 +2,22 @@
 
 import csv
 import io
+import re
 import statistics
 from pathlib import Path
 
 from grpo_cli.adapter import occupied, publish, write_json
 from grpo_cli.config import DataSettings, Settings
-from grpo_cli.data import code_columns
+from grpo_cli.data import TASK_COLUMN, code_columns
 from grpo_cli.errors import GrpoError
 from rewards import resolve
 from rewards.code import code_block, code_io_reward, code_tests_reward
 from rewards.format import FINAL_ANSWER
 from rewards.numeric import same_number
 from rewards.reference import extract_xml_answer
+from rewards.tasks import task_score_reward
+
+TAGGED = re.compile(r"<answer>.*?</answer>\s*$", re.S)  # a task's answer may be any text
 
 COLUMNS = ["accuracy", "format_rate", "mean_length"]
 ROW_KEYS = {"question", "answer", "completion", "correct", "formatted", "length", "tool_calls", "tool_failures",
@@ -40,7 +44,7 @@ def score(completions: list, examples: list[dict], rewards: list[str], tokenizer
     prompts = [e["prompt"] for e in examples]
     answers = [e["answer"] for e in examples]
     code = code_columns(examples[0])  # the rows' tests, for the code rewards
-    columns = {k: [e.get(k) for e in examples] for k in code}
+    columns = {k: [e.get(k) for e in examples] for k in code + [c for c in (TASK_COLUMN,) if c in examples[0]]}
     environments = [c.environment for c in conversations]
     if any(e is not None for e in environments):
         columns["environments"] = environments
@@ -50,7 +54,11 @@ def score(completions: list, examples: list[dict], rewards: list[str], tokenizer
         per_reward[spec.split(":")[0]] = func(prompts=prompts, completions=messages, answer=answers, **columns)
     for kind in {type(e) for e in environments if callable(getattr(e, "get_reward", None))}:
         per_reward[kind.__name__] = [e.get_reward() if type(e) is kind else None for e in environments]
-    if code:
+    task = TASK_COLUMN in examples[0]
+    if task:  # the task's own verifier: full credit
+        keys = [e[TASK_COLUMN] for e in examples]
+        correct = [value == 1.0 for value in task_score_reward(messages, keys)]
+    elif code:
         tests = code_tests_reward if {"test", "test_list"} & set(code) else code_io_reward
         correct = [value == 1.0 for value in tests(prompts, messages, **columns)]
     else:
@@ -64,7 +72,11 @@ def score(completions: list, examples: list[dict], rewards: list[str], tokenizer
                 "answer": answer,
                 "completion": text,
                 "correct": correct[i],
-                "formatted": code_block(text) is not None if code else bool(FINAL_ANSWER.search(text)),
+                "formatted": code_block(text) is not None
+                if code
+                else bool(TAGGED.search(text))
+                if task
+                else bool(FINAL_ANSWER.search(text)),
                 "length": len(tokenizer(words, add_special_tokens=False)["input_ids"])
                 if tokenizer
                 else len(words.split()),
@@ -197,7 +209,8 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
     repeated = [e for e in examples for _ in range(g)]
     conversations = pair.answer([e["prompt"] for e in repeated], sampling, False, repeated)
     completions = [c.messages for c in conversations]
-    columns = {k: [e.get(k) for e in repeated] for k in code_columns(examples[0])}
+    kept = code_columns(examples[0]) + [c for c in (TASK_COLUMN,) if c in examples[0]]
+    columns = {k: [e.get(k) for e in repeated] for k in kept}
     if toolset and toolset.environments:
         columns["environments"] = [c.environment for c in conversations]
     timed_out = sum(f.counts["timed_out"] for f in (code_tests_reward, code_io_reward))
@@ -218,7 +231,7 @@ def reward_check(settings: Settings, prompts: int = 8) -> tuple[list[dict], floa
         })  # fmt: skip
     unparsed = sum("<answer>" not in c.text for c in conversations) / len(conversations)
     code = {}
-    if columns:
+    if code_columns(examples[0]):
         code = {
             "no_code_block": sum(code_block(c.text) is None for c in conversations),
             "timed_out": sum(f.counts["timed_out"] for f in (code_tests_reward, code_io_reward)) - timed_out,

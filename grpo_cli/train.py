@@ -1,6 +1,7 @@
 """`grpo train`: the settings, the plan, the model, the data, the trainer, training, the adapter."""
 
 import importlib.util
+import os
 import signal
 import sys
 import time
@@ -55,6 +56,8 @@ def train(settings: Settings, resume: str | bool = False, overwrite: bool = Fals
             write_json(output_dir / MANIFEST, manifest)
             if checkpoint:
                 report.keep_metrics_until(output_dir, int(Path(checkpoint).name.split("-")[-1]))
+        if checkpoint and trainer.curriculum is not None:  # the level where the checkpoint left it
+            trainer.curriculum.resume(Path(checkpoint))
 
         # 6. Train: Ctrl-C or SIGTERM stops after the current step; a failure keeps what the completed steps made
         started = time.time()
@@ -84,6 +87,17 @@ def check_input(settings: Settings, plan: Plan, resume: str | bool, overwrite: b
         models.check_server(settings.model.vllm_server)
     if plan.problem:
         raise GrpoError(plan.problem)
+    if settings.train.dynamic_sampling and plan.processes > 1:
+        raise GrpoError(
+            f"dynamic sampling keeps a group whole on one process: it runs alone, not under {plan.strategy} with "
+            f"{plan.processes} processes; drop --dynamic-sampling or train in one process"
+        )
+    weights = [v for v in ("UNSLOTH_GRPO_ZERO_VARIANCE_EXCLUDE", "UNSLOTH_GRPO_LOSS_AGGREGATION") if os.environ.get(v)]
+    if settings.train.dynamic_sampling and plan.unsloth and weights:
+        raise GrpoError(
+            f"{weights[0]}: Unsloth's loss weights are normalized over one generation round, and dynamic sampling "
+            "merges several: unset it (dynamic sampling drops the groups without spread itself)"
+        )
     output_dir = Path(settings.train.output_dir)
     runs.check_lock(output_dir)
     runs.check_output_dir(output_dir, bool(resume), overwrite)
@@ -148,7 +162,7 @@ def build_trainer(
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from grpo_cli import callbacks
+    from grpo_cli import callbacks, curriculum
     from grpo_cli.trainer import trainer_class
 
     t, output_dir = settings.train, Path(settings.train.output_dir)
@@ -168,6 +182,8 @@ def build_trainer(
         ],
     )
     log.trainer = watch.trainer = trainer
+    trainer.dynamic_sampling_rounds = t.dynamic_sampling_rounds if t.dynamic_sampling else None
+    trainer.curriculum = curriculum.for_run(settings.data)
     trainer.remove_callback(PrinterCallback)  # StepLog prints each step instead
     if held_out is not None:
         evaluator = callbacks.held_out_eval(settings, plan, held_out, tokenizer, output_dir, toolset)

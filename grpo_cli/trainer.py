@@ -72,16 +72,19 @@ def grpo_config(settings: Settings, plan: Plan):
 
 
 def trainer_class(plan: Plan):
-    """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite
-    and, in server mode, a weight sync that leaves the base as it loaded; otherwise used as it is on a GPU. Where the plan has the CPU speed paths, its transformers generation runs
+    """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite,
+    the batch built as grpo_cli/batch.py says (curriculum, dynamic sampling) and, in server mode, a weight sync
+    that leaves the base as it loaded; otherwise used as it is on a GPU. Where the plan has the CPU speed paths, its
+    transformers generation runs
     with the LoRA folded into the weights and faster sampling, and its log-prob forward computes each prompt once
     for its group."""
     import torch
     from trl import GRPOTrainer
 
+    from grpo_cli.batch import BatchBuilder
     from grpo_cli.cpu_speed import cpu_generation, prompts_prefilled_once, shared_prompt_logps
 
-    class Trainer(GRPOTrainer):
+    class Trainer(BatchBuilder, GRPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if plan.generator == "server":  # the frozen base stays bit for bit as loaded

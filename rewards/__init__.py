@@ -22,6 +22,7 @@ from rewards.reference import (
     strict_format_reward,
     xmlcount_reward,
 )
+from rewards.tasks import task_score_reward
 
 REWARDS = {
     "xmlcount": xmlcount_reward,
@@ -36,6 +37,7 @@ REWARDS = {
     "code_tests": code_tests_reward,
     "code_io": code_io_reward,
     "code_block": code_block_reward,
+    "task_score": task_score_reward,
 }
 
 REFERENCE_REWARDS = ["xmlcount", "soft_format", "strict_format", "integer", "correctness"]

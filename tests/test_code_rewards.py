@@ -84,11 +84,13 @@ def test_humaneval_is_for_evaluation_only():
         load_examples(DataSettings(dataset="humaneval", split="train"))
 
 
-def test_function_tasks_are_seeded_disjoint_and_their_references_pass(sandboxed):
-    train, test = function_tasks("train"), function_tasks("test")
-    assert function_tasks("test") == test and len(test) == 100 and len(train) > 200
+@pytest.mark.parametrize("name", ["functions", "two-step-functions"])
+def test_function_tasks_are_seeded_disjoint_and_their_references_pass(sandboxed, name):
+    two_step = name == "two-step-functions"
+    train, test = function_tasks("train", two_step=two_step), function_tasks("test", two_step=two_step)
+    assert function_tasks("test", two_step=two_step) == test and len(test) == 100 and len(train) > 200
     assert not {t["question"] for t in train} & {t["question"] for t in test}
-    examples = load_examples(DataSettings(dataset="functions", split="test", system_prompt=CODE_SYSTEM_PROMPT))
+    examples = load_examples(DataSettings(dataset=name, split="test", system_prompt=CODE_SYSTEM_PROMPT))
     assert examples[0]["prompt"][0] == {"role": "system", "content": CODE_SYSTEM_PROMPT}
     assert sorted(examples[0]) == ["answer", "entry_point", "prompt", "test"]
     references = [f"```python\n{e['answer']}```" for e in examples]

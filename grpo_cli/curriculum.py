@@ -1,0 +1,129 @@
+"""Difficulty that follows the model: a reasoning-gym task's level, moved by what the training batches say. The
+levels are reasoning-gym's own curriculum for the task (its attributes, e.g. chain_sum's number of terms and digits);
+the level goes up when the task's mean score over the last ``window`` batches reaches ``raise_at``, and down when the
+share of groups in which every completion failed reaches ``lower_at`` (zero spread because the task is too hard).
+After a move the window starts again. Each batch's prompts are the rows the sampler picked, generated again at the
+current level (the same item index, the same seed): the order of prompts never depends on the level."""
+
+import collections
+import dataclasses
+import json
+
+from grpo_cli.config import DataSettings
+from grpo_cli.errors import GrpoError
+
+CURRICULUM = {"raise_at": 0.8, "lower_at": 0.75, "window": 2}  # the keys of the recipe's `curriculum`, their defaults
+REWARD = "task_score"  # the task's own score, which the curriculum reads
+STATE = "curriculum.json"  # in each checkpoint: the level and the window, for resume
+
+
+def check_curriculum(data: DataSettings, rewards: list[str] | None = None) -> dict:
+    """The recipe's curriculum with its defaults, checked before any model loads."""
+    from grpo_cli.data.tasks import PREFIX, levels, task_name
+
+    given = data.curriculum if isinstance(data.curriculum, dict) else {}
+    if data.curriculum is not True and not isinstance(data.curriculum, dict):
+        raise GrpoError(f"curriculum: give true or a mapping of {', '.join(CURRICULUM)}, got {data.curriculum!r}")
+    unknown = sorted(set(given) - set(CURRICULUM))
+    if unknown:
+        raise GrpoError(f"curriculum: {unknown[0]!r} is not a curriculum setting: use {', '.join(CURRICULUM)}")
+    settings = {**CURRICULUM, **given}
+    for key in ("raise_at", "lower_at"):
+        value = settings[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise GrpoError(f"curriculum: {key} must be a share in (0, 1], got {value!r}")
+    if isinstance(settings["window"], bool) or not isinstance(settings["window"], int) or settings["window"] < 1:
+        raise GrpoError(f"curriculum: window must be a positive number of batches, got {settings['window']!r}")
+    if not data.dataset.startswith(PREFIX + ":"):
+        raise GrpoError(f"curriculum: it moves a reasoning-gym task's level; {data.dataset} is no reasoning-gym:TASK")
+    name = task_name(data.dataset)
+    if not levels(name):
+        raise GrpoError(f"curriculum: reasoning-gym has no curriculum for {name}: drop curriculum")
+    if rewards is not None and REWARD not in {r.split(":")[0] for r in rewards}:
+        raise GrpoError(f"curriculum: it follows the task's own score: add the {REWARD} reward")
+    return settings
+
+
+class Curriculum:
+    """The level of one reasoning-gym task during training, and the rows at that level."""
+
+    def __init__(self, data: DataSettings):
+        from grpo_cli.data.tasks import levels, task_name
+
+        self.data = data
+        self.settings = check_curriculum(data)
+        self.name = task_name(data.dataset)
+        self.top = levels(self.name) - 1
+        self.level = self.start = data.difficulty or 0
+        self.scores: collections.deque = collections.deque(maxlen=self.settings["window"])
+        self.failed: collections.deque = collections.deque(maxlen=self.settings["window"])
+        self._configs: dict[int, dict] = {}
+
+    def config(self, level: int) -> dict:
+        """The task's config fields at ``level`` (the recipe's task_settings kept)."""
+        from grpo_cli.data.tasks import task_config
+
+        if level not in self._configs:
+            given = {k: v for k, v in self.data.task_settings.items() if k not in ("seed", "size")}
+            self._configs[level] = task_config(self.name, given, level)
+        return self._configs[level]
+
+    def stage(self, inputs: list[dict]) -> list[dict]:
+        """The batch's rows at the current level: each row's item (its index and seed) generated again there."""
+        from grpo_cli.data import to_examples
+        from grpo_cli.data.tasks import TASK_COLUMN, entry
+
+        if self.level == self.start:
+            return inputs
+        config, staged = self.config(self.level), []
+        for row in inputs:
+            task = json.loads(row[TASK_COLUMN])
+            task["config"] = {**config, "seed": task["config"]["seed"], "size": task["config"]["size"]}
+            key = json.dumps(task, sort_keys=True)
+            _, item = entry(key)
+            answer = "" if item.get("answer") is None else str(item["answer"])
+            (example,), _ = to_examples([{"question": item["question"], "answer": answer, TASK_COLUMN: key}], self.data)
+            staged.append({**row, **example})
+        return staged
+
+    def observe(self, scores, group: int) -> str | None:
+        """A batch's task scores (one per completion, in group order): the level moves when the window says so;
+        returns a line saying why, or None."""
+        import torch
+
+        scores = torch.nan_to_num(scores.float(), nan=0.0)
+        self.scores.append(float(scores.mean()))
+        self.failed.append(float((scores.view(-1, group).amax(dim=1) <= 0).float().mean()))
+        if len(self.scores) < self.scores.maxlen:
+            return None
+        mean, failed = sum(self.scores) / len(self.scores), sum(self.failed) / len(self.failed)
+        window = f"over the last {len(self.scores)} batches"
+        if mean >= self.settings["raise_at"] and self.level < self.top:
+            return self._move(+1, f"mean task score {mean:.2f} {window} reached {self.settings['raise_at']:g}")
+        if failed >= self.settings["lower_at"] and self.level > 0:
+            why = f"{failed:.0%} of groups failed every completion {window} (lower_at {self.settings['lower_at']:g})"
+            return self._move(-1, why)
+        return None
+
+    def _move(self, by: int, why: str) -> str:
+        before, self.level = self.level, self.level + by
+        self.scores.clear()
+        self.failed.clear()
+        return f"curriculum: {self.name} level {before} -> {self.level}: {why}"
+
+    def state(self) -> dict:
+        return {"level": self.level, "scores": list(self.scores), "failed": list(self.failed)}
+
+    def resume(self, checkpoint) -> None:
+        """The level and window a checkpoint saved (``STATE``); a checkpoint without one keeps the start."""
+        path = checkpoint / STATE
+        if path.is_file():
+            state = json.loads(path.read_text())
+            self.level = int(state["level"])
+            self.scores.extend(state.get("scores", []))
+            self.failed.extend(state.get("failed", []))
+            print(f"curriculum: {self.name} resumes at level {self.level}")
+
+
+def for_run(data: DataSettings) -> Curriculum | None:
+    return Curriculum(dataclasses.replace(data)) if data.curriculum else None

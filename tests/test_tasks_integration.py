@@ -1,0 +1,48 @@
+"""A reasoning-gym task on the embedded SmolLM2-135M, on CPU: training with dynamic sampling and the curriculum, the
+held-out evaluation on the task's own seed, a resume, and `grpo eval` on the same held-out items."""
+
+import json
+
+import pytest
+
+from grpo_cli.config import DataSettings
+from grpo_cli.data import load_examples
+from tests.test_integration import grpo
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_reasoning_gym_task_trains_with_dynamic_sampling_resumes_and_evaluates(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "dataset: reasoning-gym:chain_sum\ndifficulty: 0\ntask_settings: {size: 40}\n"
+        "curriculum: {raise_at: 0.9, window: 1}\nrewards: [answer_tag, task_score]\n"
+        "dynamic_sampling: true\ndynamic_sampling_rounds: 1\nwarmup_ratio: 0.0\n"
+    )
+    out = tmp_path / "out"
+    result = grpo(
+        "train", "--config", str(recipe), "--max-steps", "2", "--num-generations", "4", "--batch-size", "8",
+        "--max-completion-length", "12", "--lora-rank", "4", "--save-steps", "1", "--eval-steps", "2",
+        "--eval-limit", "4", "--output-dir", str(out),
+    )  # fmt: skip
+    assert "Evaluating before step 1 and every 2 steps on reasoning-gym:chain_sum (test)" in result.stdout
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in steps if m["step"] > 0]
+    assert [m["step"] for m in trained] == [1, 2]
+    for m in trained:
+        assert {"dynamic_sampling/dropped_groups", "dynamic_sampling/extra_rounds", "curriculum/level"} <= set(m)
+        assert m["dynamic_sampling/extra_rounds"] <= 1 and m["dynamic_sampling/extra_completions"] % 4 == 0
+    assert "rewards/task_score_reward/mean" in trained[0] and "eval_accuracy" in steps[0]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("step 1/2"))
+    assert "level 0" in line and ("every group has spread" in line or "dropped" in line)
+    assert (out / "checkpoint-1" / "curriculum.json").is_file()
+
+    grpo("train", "--resume", "latest", "--output-dir", str(out), "--max-steps", "3")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 3
+
+    grpo("eval", "--lora", str(out / "adapter"), "--limit", "4", "--output-dir", str(tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert (report["dataset"], report["split"], report["prompts"]) == ("reasoning-gym:chain_sum", "test", 4)
+    assert "task_score" in report["summary"]["adapter"]
+    test = DataSettings(dataset="reasoning-gym:chain_sum", split="test", difficulty=0, limit=4, system_prompt="")
+    assert [row["question"] for row in report["base"]] == [e["prompt"][-1]["content"] for e in load_examples(test)]
