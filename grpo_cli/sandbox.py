@@ -60,10 +60,13 @@ user on the host. ``line()`` says so. ``resolve()`` tries the sandbox once befor
 refuses it too if the process limit does not hold there.
 """
 
+import ast
 import atexit
+import builtins
 import concurrent.futures
 import dataclasses
 import fcntl
+import functools
 import itertools
 import json
 import marshal
@@ -351,14 +354,6 @@ class Candidate:
         remote.__name__ = target
         return remote
 
-def names(code):
-    found, stack = set(), [code]
-    while stack:
-        code = stack.pop()
-        found.update(code.co_names)
-        stack.extend(c for c in code.co_consts if type(c) is type(code))
-    return found
-
 def judge(task, verdict):
     ns = {"__name__": "judge", "__builtins__": builtins}
     setup = compile(task["setup"], "setup.py", "exec")
@@ -375,10 +370,17 @@ def judge(task, verdict):
         exec(setup, ns)
         if test is not None:
             exec(test, ns)
+        for module in task["imports"]:  # the tests' own imports, before any model code runs
+            try:
+                __import__(module)
+            except ImportError:
+                pass
         candidate = Candidate(task, verdict)
-        wanted = set().union(*(names(c) for c in [test, *asserts] if c is not None))
-        for name in wanted:
-            if name not in ns and name not in vars(builtins):
+        for name in task["modules"]:
+            if name not in ns:
+                ns[name] = __import__(name)
+        for name in task["remote"]:
+            if name not in ns:
                 ns[name] = candidate.stub(name)
         if task["entry_point"]:
             ns[task["entry_point"]] = candidate.stub(task["entry_point"])
@@ -417,6 +419,37 @@ def main(task_fd, verdict):
     exec(compile(task["code"], "solution.py", "exec"), ns)
 main(int(sys.argv[1]), int(sys.argv[2]))
 """
+
+@functools.lru_cache(maxsize=1024)
+def test_names(test: str | None, asserts: tuple[str, ...]) -> dict:
+    """What the judge puts in its namespace for the tests, where ``setup`` and the test did not define it: the
+    modules of the standard library the tests use only as ``module.attribute`` (``math.isclose`` in MBPP's asserts,
+    which the solution imported), and stubs that call the candidate for every other free name; and the modules the
+    tests import, which the judge imports before any model code runs.
+
+    >>> test_names(None, ("assert math.isclose(area(1), 3.14, rel_tol=0.01)",))
+    {'modules': ['math'], 'remote': ['area'], 'imports': []}
+    """
+    loads, bare, imports = set(), set(), set()
+    for source in [test or "", *asserts]:
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        bases = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+                loads.add(node.id)
+                if id(node) not in bases:
+                    bare.add(node.id)  # called or passed as it is: not a module
+            elif isinstance(node, ast.Import):
+                imports.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imports.add(node.module)
+    loads -= set(dir(builtins))
+    modules = {name for name in loads - bare if name.split(".")[0] in sys.stdlib_module_names}
+    return {"modules": sorted(modules), "remote": sorted(loads - modules), "imports": sorted(imports)}
+
 
 VERDICT = re.compile(rb"R(?:P([0-9]{1,9})\n)?")
 
@@ -705,6 +738,7 @@ class Sandbox:
             "test": program.test,
             "entry_point": program.entry_point,
             "asserts": list(program.asserts),
+            **({} if program.test is None and not program.asserts else test_names(program.test, program.asserts)),
         }
         work = tempfile.mkdtemp(prefix="grpo-sandbox-") if self.mode == "rlimits" else None
         if work and self.identity:
@@ -781,7 +815,7 @@ class Sandbox:
         deadline = time.monotonic() + self.limits.wall_seconds
         init = _sandbox_init(info_r, proc.pid) if info_r is not None else None
         try:
-            texts = _collect([out_r, err_r], deadline, self.limits.file_bytes)
+            texts = _collect([out_r, err_r], fds, deadline, self.limits.file_bytes)
             try:
                 returncode = proc.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
@@ -822,12 +856,12 @@ def _sealed(data: bytes, name: str) -> int:
     return fd
 
 
-def _collect(fds: list[int], deadline: float, limit: int) -> list[str]:
+def _collect(pipes: list[int], fds: list[int], deadline: float, limit: int) -> list[str]:
     """Read each pipe until its end, the deadline or ``limit`` bytes: past the limit the pipe is closed (the
     program's next write fails) and what came is kept."""
-    chunks = {fd: bytearray() for fd in fds}
+    chunks = {fd: bytearray() for fd in pipes}
     with selectors.DefaultSelector() as selector:
-        for fd in fds:
+        for fd in pipes:
             selector.register(fd, selectors.EVENT_READ)
         while selector.get_map() and (left := deadline - time.monotonic()) > 0:
             for key, _ in selector.select(left):
@@ -836,7 +870,9 @@ def _collect(fds: list[int], deadline: float, limit: int) -> list[str]:
                 kept += data[: limit - len(kept)]
                 if not data or len(kept) >= limit:
                     selector.unregister(key.fd)
-    return [chunks[fd].decode("utf-8", errors="replace") for fd in fds]
+                    if data:
+                        _close(fds, key.fd)
+    return [chunks[fd].decode("utf-8", errors="replace") for fd in pipes]
 
 
 def _read_upto(fd: int, limit: int) -> bytes:
