@@ -365,7 +365,7 @@ def judge(task, verdict):
         except SyntaxError:
             asserts.append(None)
     os.write(verdict, b"R")  # from here on, a failure is the program's
-    passed = 0
+    passed, candidate = 0, None
     try:
         exec(setup, ns)
         if test is not None:
@@ -397,8 +397,13 @@ def judge(task, verdict):
                     passed += 1
             except BaseException:
                 pass
+    except BaseException as exc:  # the setup, or the candidate could not start: said, and nothing passed
+        os.write(2, ("judge: " + type(exc).__name__ + ": " + str(exc)[:200] + "\n").encode())
     finally:
         os.write(verdict, b"P%d\n" % passed)
+        if candidate is not None:  # killed and reaped here: an orphan may go to an init that never reaps
+            os.kill(candidate.pid, 9)
+            os.waitpid(candidate.pid, 0)
         os._exit(0)
 
 def main(task_fd, verdict):
@@ -419,6 +424,7 @@ def main(task_fd, verdict):
     exec(compile(task["code"], "solution.py", "exec"), ns)
 main(int(sys.argv[1]), int(sys.argv[2]))
 """
+
 
 @functools.lru_cache(maxsize=1024)
 def test_names(test: str | None, asserts: tuple[str, ...]) -> dict:
