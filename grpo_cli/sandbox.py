@@ -54,7 +54,8 @@ Where bwrap is missing or the kernel allows no user namespaces, ``resolve()`` gi
 missing, and running model code refuses with it, unless ``mode="rlimits"`` is asked for: then the program runs
 with the judge, the filter, the keyring, the limits and the budget above, an empty environment and a private
 working folder, but in the host's namespaces. It then sees the file system (and may write what its user may: as
-nobody under root, little), the network and the processes of its user (and may signal them); without a cgroup, a
+nobody under root, little), the network and the processes of its user (and may signal them, other sandboxes'
+included; as the trainer's own user, it may write the trainer's memory through /proc); without a cgroup, a
 process that leaves the session (``setsid``) outlives the call and the process limit counts every process of its
 user on the host. ``line()`` says so. ``resolve()`` tries the sandbox once before any model code runs, and
 refuses it too if the process limit does not hold there.
@@ -427,13 +428,13 @@ main(int(sys.argv[1]), int(sys.argv[2]))
 
 
 @functools.lru_cache(maxsize=1024)
-def test_names(test: str | None, asserts: tuple[str, ...]) -> dict:
+def judged_names(test: str | None, asserts: tuple[str, ...]) -> dict:
     """What the judge puts in its namespace for the tests, where ``setup`` and the test did not define it: the
     modules of the standard library the tests use only as ``module.attribute`` (``math.isclose`` in MBPP's asserts,
     which the solution imported), and stubs that call the candidate for every other free name; and the modules the
     tests import, which the judge imports before any model code runs.
 
-    >>> test_names(None, ("assert math.isclose(area(1), 3.14, rel_tol=0.01)",))
+    >>> judged_names(None, ("assert math.isclose(area(1), 3.14, rel_tol=0.01)",))
     {'modules': ['math'], 'remote': ['area'], 'imports': []}
     """
     loads, bare, imports = set(), set(), set()
@@ -744,7 +745,7 @@ class Sandbox:
             "test": program.test,
             "entry_point": program.entry_point,
             "asserts": list(program.asserts),
-            **({} if program.test is None and not program.asserts else test_names(program.test, program.asserts)),
+            **({} if program.test is None and not program.asserts else judged_names(program.test, program.asserts)),
         }
         work = tempfile.mkdtemp(prefix="grpo-sandbox-") if self.mode == "rlimits" else None
         if work and self.identity:
