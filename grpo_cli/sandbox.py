@@ -493,12 +493,13 @@ class Budget:
     _count = itertools.count()
 
     @classmethod
-    def make(cls, limits: Limits, workers: int) -> tuple["Budget", Limits]:
-        """The run's cgroup where root may make one, else the limits scaled to the machine; the limits to use."""
+    def make(cls, limits: Limits, workers: int, cgroup: bool = True) -> tuple["Budget", Limits]:
+        """The run's cgroup where root may make one (and ``cgroup``: a sandbox joins its group as root, before
+        setpriv makes it nobody), else the limits scaled to the machine; the limits to use."""
         memory = workers * limits.memory_bytes
         processes = workers * (limits.processes + cls.OVERHEAD)
         name = f"grpo-sandbox-{os.getpid()}-{next(cls._count)}"
-        if _make_group(name, memory, processes):
+        if cgroup and _make_group(name, memory, processes):
             atexit.register(_remove_group, name)
             return cls(memory, processes, name, _machine_bytes()), limits
         machine = _machine_bytes()
@@ -974,7 +975,7 @@ def resolve(mode: str = "namespaces", limits: Limits | None = None) -> Sandbox:
     drop = (setpriv, f"--reuid={identity[0]}", f"--regid={identity[1]}", "--clear-groups", "--") if setpriv else ()
     if mode == "namespaces" and (bwrap := shutil.which("bwrap")) is None:
         return Sandbox.unavailable(f"bubblewrap (bwrap) is not installed: {INSTALL}, {fallback}", limits)
-    budget, limits = Budget.make(limits, workers())
+    budget, limits = Budget.make(limits, workers(), cgroup=not identity or bool(drop))  # joined before the switch
     if mode == "rlimits":
         sandbox = Sandbox("rlimits", python, drop, limits, workers=workers(), identity=identity, budget=budget)
     else:
