@@ -37,7 +37,8 @@ arguments to the candidate and get back plain data only: marshal's exact ``None`
 ``complex``, ``str``, ``bytes``, ``tuple``, ``list``, ``dict``, ``set``, ``frozenset`` (no subclass, no code
 object), checked by the judge; anything else comes back as an opaque handle that can only be passed back to the
 candidate (its truth value raises). An exception the candidate raises is raised in the judge as the builtin
-exception of that name (``RuntimeError`` for any other). Helpers of the task's prompt that the tests use are the
+exception of that name (``RuntimeError`` for any other, and for ``StopIteration``, which would end a test's loop
+over ``map(candidate, ...)`` early). Helpers of the task's prompt that the tests use are the
 judge's own copies. The judge is not dumpable (the candidate, same uid, cannot open its ``/proc`` files, memory or
 descriptors), and it reports on a pipe the candidate never holds; the trainer parses that report strictly
 (``parse_verdict``). Arguments are copied: a test that reads back an argument the function changed in place sees
@@ -200,6 +201,7 @@ RUNNER = r"""
 import builtins, marshal, os, resource, sys
 PLAIN = {type(None), bool, int, float, complex, str, bytes}
 SEQUENCES = {tuple, list, set, frozenset}
+ITERATION = {"StopIteration", "StopAsyncIteration"}  # would end a test's loop over the candidate's results early
 
 def harden(task):
     import ctypes
@@ -344,7 +346,7 @@ class Candidate:
             return Handle(value)
         if kind == "raise" and type(value) is str:
             exception = vars(builtins).get(value)
-            if type(exception) is type and issubclass(exception, Exception):
+            if type(exception) is type and issubclass(exception, Exception) and value not in ITERATION:
                 raise exception("raised by the candidate")
             raise RuntimeError("the candidate raised " + value[:100])
         raise TypeError("the candidate answered with something that is not plain data")

@@ -313,6 +313,16 @@ def test_a_wrong_function_that_games_the_tests_scores_0(any_box, monkeypatch, ro
     assert code_tests_reward(None, completions, **columns) == [0.0, 1.0]
 
 
+def test_stopiteration_from_the_candidate_does_not_end_the_tests_loop(any_box, monkeypatch):
+    monkeypatch.setattr(sandbox, "_current", any_box)
+    test = (
+        "def check(candidate):\n    for got, want in zip(map(candidate, [1, 2]), [2, 4]):\n        assert got == want\n"
+    )
+    stops = "def double(x):\n    raise StopIteration\n"
+    honest = "def double(x):\n    return 2 * x\n"
+    assert code_tests_reward(None, [stops, honest], test=[test] * 2, entry_point=["double"] * 2) == [0.0, 1.0]
+
+
 def test_the_judges_files_stay_closed_to_the_candidate(any_box):
     code = HACKS["the judge's /proc files"]
     result = any_box.run(sandbox.Program(code, test=ROWS["humaneval"]["test"][0], entry_point="add"))
