@@ -12,7 +12,7 @@ even in a user namespace without capabilities), with:
   session keyring;
 - a seccomp filter (``seccomp_filter``): ``keyctl``, ``add_key``, ``request_key`` (no keyring, the user's own
   included), ``shmget``, ``shmat``, ``msgget``, ``semget`` (no SysV memory, which belongs to no process),
-  ``io_uring_*``, ``ptrace``, ``process_vm_readv``/``writev`` and ``fallocate`` fail with EPERM; a system call of
+  ``io_uring_*``, ``ptrace``, ``process_vm_readv``/``writev``, ``pidfd_getfd`` and ``fallocate`` fail with EPERM; a system call of
   another architecture's table (32-bit, x32) kills the process;
 - a file system of its own: ``/usr`` (and ``/bin``, ``/lib``...), the Python installation it runs on (the
   trainer's own, or the system's where nobody cannot reach that one), ``/etc/ld.so.cache``, a fresh ``/proc`` and
@@ -157,12 +157,12 @@ DENIED = {
     "x86_64": (0xC000003E, {
         "keyctl": 250, "add_key": 248, "request_key": 249, "shmget": 29, "shmat": 30, "msgget": 68, "semget": 64,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "ptrace": 101,
-        "process_vm_readv": 310, "process_vm_writev": 311, "fallocate": 285,
+        "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438, "fallocate": 285,
     }),
     "aarch64": (0xC00000B7, {
         "keyctl": 219, "add_key": 217, "request_key": 218, "shmget": 194, "shmat": 196, "msgget": 186,
         "semget": 190, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "ptrace": 117,
-        "process_vm_readv": 270, "process_vm_writev": 271, "fallocate": 47,
+        "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_getfd": 438, "fallocate": 47,
     }),
 }  # fmt: skip
 X32_SYSCALL_BIT = 0x40000000
