@@ -12,8 +12,8 @@ even in a user namespace without capabilities), with:
   session keyring;
 - a seccomp filter (``seccomp_filter``): ``keyctl``, ``add_key``, ``request_key`` (no keyring, the user's own
   included), ``shmget``, ``shmat``, ``msgget``, ``semget`` (no SysV memory, which belongs to no process),
-  ``io_uring_*``, ``ptrace``, ``process_vm_readv``/``writev``, ``pidfd_getfd`` and ``fallocate`` fail with EPERM; a system call of
-  another architecture's table (32-bit, x32) kills the process;
+  ``io_uring_*``, ``ptrace``, ``process_vm_readv``/``writev``, ``pidfd_getfd`` and ``fallocate`` fail with EPERM;
+  a system call through another architecture's table (32-bit) kills the process, an x32 one fails;
 - a file system of its own: ``/usr`` (and ``/bin``, ``/lib``...), the Python installation it runs on (the
   trainer's own, or the system's where nobody cannot reach that one), ``/etc/ld.so.cache``, a fresh ``/proc`` and
   a minimal ``/dev``, all read-only, and two small private tmpfs folders, ``/tmp`` (its working folder and
