@@ -1,5 +1,6 @@
 """The code rewards and code data: code extraction, HumanEval, MBPP and stdin/stdout rows, the generated function
-tasks, and a sandbox failure as an error, and reward hacks that score 0. The rewards run in the real sandbox (skipped where there is none)."""
+tasks, a sandbox failure as an error, and reward hacks that score 0. The rewards run in the real sandbox (skipped
+where there is none)."""
 
 import os
 import time
