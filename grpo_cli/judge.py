@@ -1,10 +1,12 @@
-"""The judge: the program each sandbox runs first (``python -I -S -B -c <this file's text> TASK_FD VERDICT_FD``).
+"""The judge: the program each sandbox runs first (``python -I -S -B -c <this file's text> BOX_FD TASK_FD VERDICT_FD``).
 
-It reads the task (marshal) from an inherited descriptor, joins a fresh session keyring, becomes undumpable,
-installs the seccomp filter it was given, sets the limits and says ``R`` on the verdict pipe. A script then runs as
-``__main__`` in this process. Tests are judged here: the row's setup and tests run in this process's namespace,
-with its builtins, compiled before any model code runs; the candidate is a forked process that closes the verdict
-pipe, runs the setup and the model's code in its own namespace, and answers calls on a pair of pipes. The names the
+It reads the box (limits, filter: marshal) from an inherited descriptor, joins a fresh session keyring, becomes
+undumpable, installs the seccomp filter, sets the limits and says ``R`` on the verdict pipe. A script then reads the
+task from a second descriptor and runs as ``__main__`` in this process. Tests are judged here: the candidate is
+forked first, before this process reads the task, and closes the verdict pipe and the task's descriptor, so its
+memory never holds the tests; the row's setup and tests then run in this process's namespace, with its builtins,
+compiled before the candidate is sent the setup and the model's code, which it runs in its own namespace before it
+answers calls on a pair of pipes. The names the
 tests call are stubs that send the arguments (marshal) and take back plain data only, checked here. The last word
 on the verdict pipe is ``P<count>\n``. Only the standard library's cheapest modules load before the task: each
 sandbox pays for this file's start-up. See grpo_cli/sandbox.py for the sandbox around it.
@@ -99,15 +101,19 @@ class Handle:
         return "<candidate object>"
 
 
-def serve(task, calls, replies):
+def serve(box, calls, replies):
+    first = receive(calls, 1 << 30)  # the setup and the model's code: the only part of the task it ever holds
+    if first is None:
+        os._exit(0)
+    setup, code = marshal.loads(first)
     ns = {"__name__": "solution", "__builtins__": builtins}
     try:
-        exec(compile(task["setup"], "setup.py", "exec"), ns)
-        exec(compile(task["code"], "solution.py", "exec"), ns)
+        exec(compile(setup, "setup.py", "exec"), ns)
+        exec(compile(code, "solution.py", "exec"), ns)
     except BaseException:
         sys.excepthook(*sys.exc_info())
         os._exit(1)
-    objects, tag = [], task["tag"]
+    objects, tag = [], box["tag"]
 
     def unwrap(value):
         if type(value) is tuple and len(value) == 2 and value[0] == tag:
@@ -136,20 +142,24 @@ def serve(task, calls, replies):
 
 
 class Candidate:
-    def __init__(self, task, verdict):
+    # Forked before the judge reads the tests: the candidate's memory never holds them, nor the verdict pipe.
+    def __init__(self, box, closed):
         calls_r, self.calls = os.pipe()
         self.replies, replies_w = os.pipe()
-        self.tag, self.limit = task["tag"], task["answer_bytes"]
+        self.tag, self.limit = box["tag"], box["answer_bytes"]
         self.pid = os.fork()
         if self.pid == 0:
             try:
-                for fd in (verdict, self.calls, self.replies):
+                for fd in (*closed, self.calls, self.replies):
                     os.close(fd)
-                serve(task, calls_r, replies_w)
+                serve(box, calls_r, replies_w)
             finally:
                 os._exit(1)
         os.close(calls_r)
         os.close(replies_w)
+
+    def start(self, setup, code):
+        send(self.calls, marshal.dumps((setup, code)))
 
     def wrap(self, value):
         if type(value) is Handle:
@@ -192,20 +202,22 @@ class Candidate:
         return remote
 
 
-def judge(task, verdict):
-    ns = {"__name__": "judge", "__builtins__": builtins}
-    setup = compile(task["setup"], "setup.py", "exec")
-    test = compile(task["test"], "test.py", "exec") if task["test"] is not None else None
-    asserts = []
-    for line in task["asserts"]:
-        try:
-            asserts.append(compile(line, "test.py", "exec"))
-        except SyntaxError:
-            asserts.append(None)
+def judge(box, task_fd, verdict):
     os.write(verdict, b"R")  # from here on, a failure is the program's
+    ns = {"__name__": "judge", "__builtins__": builtins}
     passed, candidate = 0, None
     try:
-        exec(setup, ns)
+        candidate = Candidate(box, (verdict, task_fd))
+        with os.fdopen(task_fd, "rb") as f:
+            task = marshal.loads(f.read())
+        test = compile(task["test"], "test.py", "exec") if task["test"] is not None else None
+        asserts = []
+        for line in task["asserts"]:
+            try:
+                asserts.append(compile(line, "test.py", "exec"))
+            except SyntaxError:
+                asserts.append(None)
+        exec(compile(task["setup"], "setup.py", "exec"), ns)
         if test is not None:
             exec(test, ns)
         for module in task["imports"]:  # the tests' own imports, before any model code runs
@@ -213,7 +225,7 @@ def judge(task, verdict):
                 __import__(module)
             except ImportError:
                 pass
-        candidate = Candidate(task, verdict)
+        candidate.start(task["setup"], task["code"])
         for name in task["modules"]:
             if name not in ns:
                 ns[name] = __import__(name)
@@ -245,23 +257,24 @@ def judge(task, verdict):
         os._exit(0)
 
 
-def main(task_fd, verdict):
-    with os.fdopen(task_fd, "rb") as f:
-        task = marshal.loads(f.read())
-    harden(task)
-    for name, value in task["limits"].items():
+def main(box_fd, task_fd, verdict):
+    with os.fdopen(box_fd, "rb") as f:
+        box = marshal.loads(f.read())
+    harden(box)
+    for name, value in box["limits"].items():
         resource.setrlimit(getattr(resource, name), (value, value))
     builtins.exit = builtins.quit = sys.exit  # what site would give, without its start-up time
     sys.argv = ["solution.py"]
-    if not task["script"]:
-        judge(task, verdict)
+    if not box["script"]:
+        judge(box, task_fd, verdict)
     os.write(verdict, b"R")
     os.close(verdict)
-    del task["seccomp"]
+    with os.fdopen(task_fd, "rb") as f:
+        task = marshal.loads(f.read())
     ns = {"__name__": "__main__", "__builtins__": builtins}
     exec(compile(task["setup"], "setup.py", "exec"), ns)
     exec(compile(task["code"], "solution.py", "exec"), ns)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

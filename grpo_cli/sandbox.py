@@ -504,19 +504,22 @@ class Sandbox:
         SandboxError when the sandbox itself failed (the judge never reached the program)."""
         if self.problem:
             raise SandboxError(f"model code cannot run: {self.problem}")
-        task = {
+        script = program.test is None and not program.asserts
+        box = {
             "limits": self.limits.rlimits(),
             "seccomp": self.seccomp,
             "keyctl": keyctl_number(),
             "tag": secrets.token_hex(8),
             "answer_bytes": self.limits.file_bytes,
-            "script": program.test is None and not program.asserts,
+            "script": script,
+        }
+        task = {  # read by the judge after the candidate is forked: never in the candidate's memory
             "code": program.code,
             "setup": program.setup,
             "test": program.test,
             "entry_point": program.entry_point,
             "asserts": list(program.asserts),
-            **({} if program.test is None and not program.asserts else judged_names(program.test, program.asserts)),
+            **({} if script else judged_names(program.test, program.asserts)),
         }
         work = tempfile.mkdtemp(prefix="grpo-sandbox-") if self.mode == "rlimits" else None
         if work and self.identity:
@@ -524,16 +527,19 @@ class Sandbox:
         fds = []
         group = None
         try:
-            task_fd = _sealed(marshal.dumps(task, 4), "grpo-task")  # marshal: no import to pay for in the sandbox
+            box_fd = _sealed(marshal.dumps(box, 4), "grpo-box")  # marshal: no import to pay for in the sandbox
+            fds.append(box_fd)
+            task_fd = _sealed(marshal.dumps(task, 4), "grpo-task")
+            fds.append(task_fd)
             stdin = _sealed(program.stdin.encode(), "grpo-stdin")
-            fds += [task_fd, stdin]
+            fds.append(stdin)
             verdict_r, verdict_w = os.pipe()
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
             fds += [verdict_r, verdict_w, out_r, out_w, err_r, err_w]
             join, group = self.budget.enter(self.limits) if self.budget else ([], None)
             started = time.monotonic()
-            returncode, out, err = self._spawn(join, task_fd, verdict_w, stdin, out_r, err_r, fds, work)
+            returncode, out, err = self._spawn(join, (box_fd, task_fd), verdict_w, stdin, out_r, err_r, fds, work)
             seconds = time.monotonic() - started
             _close(fds, verdict_w)
             reached, count = parse_verdict(_read_upto(verdict_r, 64))  # every writer is gone
@@ -564,14 +570,14 @@ class Sandbox:
         finally:  # a reward interrupted at its time limit leaves no queued sandbox behind
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _spawn(self, join, task_fd, verdict_w, stdin, out_r, err_r, fds, work) -> tuple[int | None, str, str]:
+    def _spawn(self, join, tasks, verdict_w, stdin, out_r, err_r, fds, work) -> tuple[int | None, str, str]:
         """Start the sandbox, read its output while it runs, kill it at the wall-time limit; the exit status (None
         if killed), stdout and stderr. The write ends of the pipes (the ones after ``out_r`` and ``err_r`` in
         ``fds``) are closed here, once the sandbox holds them."""
         out_w, err_w = fds[fds.index(out_r) + 1], fds[fds.index(err_r) + 1]
         info_r, info_w = os.pipe() if self.mode == "namespaces" else (None, None)
         info = ["--info-fd", str(info_w), "--"] if info_w is not None else []
-        command = [*join, *self.prefix, *info, self.python, "-I", "-S", "-B", "-c", RUNNER, str(task_fd),
+        command = [*join, *self.prefix, *info, self.python, "-I", "-S", "-B", "-c", RUNNER, *map(str, tasks),
                    str(verdict_w)]  # fmt: skip
         try:
             proc = subprocess.Popen(
@@ -579,7 +585,7 @@ class Sandbox:
                 stdin=stdin,
                 stdout=out_w,
                 stderr=err_w,
-                pass_fds=[fd for fd in (task_fd, verdict_w, info_w) if fd is not None],
+                pass_fds=[fd for fd in (*tasks, verdict_w, info_w) if fd is not None],
                 cwd=work,
                 env=_environment(work) if work else {},
                 start_new_session=True,

@@ -273,6 +273,16 @@ HACKS = {
         "            for m in re.finditer(rb'[0-9a-f]{32}', chunk):\n                print(m.group().decode())\n"
         "    return a - b\n"
     ),
+    "the tests looked up in memory": (
+        "import gc, sys\n"
+        "def add(a, b):\n"
+        "    needle = '(2, 3) =' + '= 5'\n"
+        "    for o in gc.get_objects():\n"
+        "        values = o.values() if type(o) is dict else o if type(o) in (list, tuple) else ()\n"
+        "        if any(type(v) is str and v is not needle and needle in v for v in values):\n"
+        "            return a + b\n"
+        "    return a - b\n"
+    ),
     "replaced os.write": ("import os\nreal = os.write\nos.write = lambda fd, data: real(fd, b'RP1\\n')\n" + WRONG),
     "forged answers on the call pipe": (
         "import marshal\nreal = marshal.dumps\n"
