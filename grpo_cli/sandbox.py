@@ -5,7 +5,8 @@ this user, or as ``nobody`` when the trainer runs as root (the kernel exempts ro
 even in a user namespace without capabilities), with:
 
 - namespaces of its own: user (no capabilities, uid 65534 inside, no further user namespaces), PID (nothing it
-  starts outlives the call: when its first process ends the kernel kills the rest), network (a loopback that is
+  starts outlives the call: its first process, the judge, is PID 1 there, and when it ends the kernel kills the
+  rest; the kernel ignores the signals sent to it from inside; no reaper of bwrap's own is left behind), network (a loopback that is
   down: no connection anywhere, not even to 127.0.0.1 or an abstract socket of the host), mount, IPC (no SysV
   object of the host), UTS, cgroup;
 - a new session, so it cannot signal the trainer's process group nor push keys into its terminal, and a fresh
@@ -259,7 +260,7 @@ class Budget:
     cgroup: str | None = None
     machine_bytes: int = 0
 
-    OVERHEAD = 4  # processes of a sandbox's own around the program: sh (exec'd), bwrap and its init, the judge
+    OVERHEAD = 4  # processes of a sandbox's own around the program (bwrap, the judge) and some room
     _count = itertools.count()
 
     @classmethod
@@ -418,7 +419,7 @@ def _interpreter(others: bool) -> tuple[str, list[str]] | None:
 def bwrap_command(python: str, roots: list[str], limits: Limits) -> list[str]:
     """bwrap's arguments up to the command: an empty root with the read-only system folders, Python and the
     private tmpfs folders, then everything else read-only."""
-    cmd = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID),
+    cmd = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--as-pid-1", "--uid", str(SANDBOX_UID),
            "--gid", str(SANDBOX_UID), "--die-with-parent", "--new-session", "--clearenv", "--hostname", "sandbox",
            "--ro-bind", "/usr", "/usr"]  # fmt: skip
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):  # merged /usr: symlinks; else folders
