@@ -487,7 +487,9 @@ class Sandbox:
         )  # fmt: skip
         if self.mode == "rlimits":
             who = "nobody" if self.identity else "this user"
-            daemons = "" if self.budget and self.budget.cgroup else ", whose daemons may outlive the call"
+            daemons = "" if self.budget and self.budget.cgroup else (
+                f", whose daemons may outlive the call and whose process limit counts all of {who}'s processes"
+            )  # fmt: skip
             return (
                 f"rlimits only, as asked: model code runs as {who} with resource limits, an empty environment "
                 f"and a private working folder, and sees the file system, the network and {who}'s processes"
