@@ -76,6 +76,7 @@ import marshal
 import os
 import platform
 import pwd
+import queue
 import re
 import secrets
 import selectors
@@ -295,19 +296,26 @@ class Budget:
         )
 
     def enter(self, limits: Limits) -> tuple[list[str], str | None]:
-        """A group for one sandbox, and the command that puts itself there before it runs the rest."""
+        """A group for one sandbox (a free one of the run's, else a new one: making and removing memory groups costs
+        the kernel milliseconds), and the command that puts itself there before it runs the rest."""
         if not self.cgroup:
             return [], None
-        name = f"{self.cgroup}/{next(self._count)}"
-        if not _make_group(name, limits.memory_bytes, limits.processes + self.OVERHEAD):
-            raise SandboxError(f"cannot make the sandbox's cgroup {name} under {CGROUP_ROOT}")
+        free = _free_groups.setdefault(self.cgroup, queue.SimpleQueue())
+        try:
+            name = free.get_nowait()
+        except queue.Empty:
+            name = f"{self.cgroup}/{next(self._count)}"
+            if not _make_group(name, limits.memory_bytes, limits.processes + self.OVERHEAD):
+                raise SandboxError(f"cannot make the sandbox's cgroup {name} under {CGROUP_ROOT}") from None
+            atexit.register(_remove_group, name)  # before the run's group: atexit runs last in, first out
         procs = [str(CGROUP_ROOT / kind / name / "cgroup.procs") for kind in ("memory", "pids")]
         join = 'echo $$ > "$1" && echo $$ > "$2" && shift 2 && exec "$@"'
         return ["/bin/sh", "-c", join, "sh", *procs], name
 
     @staticmethod
     def leave(name: str | None) -> None:
-        """Kill whatever is still in the sandbox's group (a daemon of rlimits mode), then remove the group."""
+        """Kill whatever is still in the sandbox's group (a daemon of rlimits mode), then free the group for the
+        next sandbox; one that cannot be emptied is dropped."""
         if name is None:
             return
         procs = CGROUP_ROOT / "pids" / name / "cgroup.procs"
@@ -315,16 +323,19 @@ class Budget:
             try:
                 pids = [int(p) for p in procs.read_text().split()]
             except (OSError, ValueError):
-                break
+                return
             if not pids:
-                break
+                _free_groups[name.rsplit("/", 1)[0]].put(name)
+                return
             for pid in pids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             time.sleep(0.001)
-        _remove_group(name)
+
+
+_free_groups: dict[str, queue.SimpleQueue] = {}  # the run's group -> its sandboxes' groups that are free
 
 
 def _machine_bytes() -> int:

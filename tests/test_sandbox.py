@@ -450,7 +450,12 @@ def test_with_a_cgroup_each_sandbox_has_its_own_group_inside_the_runs(box):
     assert result.returncode == 0
     run = sandbox.CGROUP_ROOT / "memory" / box.budget.cgroup
     assert int((run / "memory.limit_in_bytes").read_text()) == box.workers * box.limits.memory_bytes
-    assert [p.name for p in run.iterdir() if p.is_dir()] == []  # each sandbox's group is gone with it
+    slots = [p for p in run.iterdir() if p.is_dir()]  # kept for the next sandbox, one per sandbox at a time
+    assert 1 <= len(slots) <= box.workers
+    assert all(
+        (sandbox.CGROUP_ROOT / "pids" / box.budget.cgroup / p.name / "cgroup.procs").read_text() == "" for p in slots
+    )
+    assert all(int((p / "memory.limit_in_bytes").read_text()) == box.limits.memory_bytes for p in slots)
     assert "cgroup:" in box.line()
 
 
