@@ -266,6 +266,11 @@ def main(box_fd, task_fd, verdict):
     builtins.exit = builtins.quit = sys.exit  # what site would give, without its start-up time
     sys.argv = ["solution.py"]
     if not box["script"]:
+        for module in box["preload"]:  # the prompt's imports, once for both processes
+            try:
+                __import__(module)
+            except ImportError:
+                pass
         judge(box, task_fd, verdict)
     os.write(verdict, b"R")
     os.close(verdict)

@@ -230,6 +230,27 @@ def judged_names(test: str | None, asserts: tuple[str, ...]) -> dict:
     return {"modules": sorted(modules), "remote": sorted(loads - modules), "imports": sorted(imports)}
 
 
+@functools.lru_cache(maxsize=1024)
+def setup_imports(setup: str) -> list[str]:
+    """The standard modules the row's setup (the prompt's code, which the model sees) imports: the judge imports
+    them before it forks the candidate, so that neither pays for them twice.
+
+    >>> setup_imports("from typing import List\nimport math, numpy\n\ndef f(x: List[int]) -> int:\n    ...")
+    ['math', 'typing']
+    """
+    try:
+        tree = ast.parse(setup)
+    except (SyntaxError, ValueError):
+        return []
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    return sorted(n for n in names if n.split(".")[0] in sys.stdlib_module_names)
+
+
 VERDICT = re.compile(rb"R(?:P([0-9]{1,9})\n)?")
 
 
@@ -526,6 +547,7 @@ class Sandbox:
             "tag": secrets.token_hex(8),
             "answer_bytes": self.limits.file_bytes,
             "script": script,
+            "preload": [] if script else setup_imports(program.setup),
         }
         task = {  # read by the judge after the candidate is forked: never in the candidate's memory
             "code": program.code,
