@@ -235,7 +235,7 @@ def setup_imports(setup: str) -> list[str]:
     """The standard modules the row's setup (the prompt's code, which the model sees) imports: the judge imports
     them before it forks the candidate, so that neither pays for them twice.
 
-    >>> setup_imports("from typing import List\nimport math, numpy\n\ndef f(x: List[int]) -> int:\n    ...")
+    >>> setup_imports("from typing import List\\nimport math, numpy\\n")
     ['math', 'typing']
     """
     try:
