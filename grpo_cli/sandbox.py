@@ -30,9 +30,10 @@ even in a user namespace without capabilities), with:
   ``processes``) inside the run's group (``workers`` times that); elsewhere the per-process limits are scaled so
   that processes x memory x sandboxes at a time fit in half the machine's memory. The plan line says which.
 
-Tests are judged outside the program's process (grpo_cli/judge.py). The judge, the sandbox's first process, compiles and
-runs the row's ``setup`` and tests in a namespace and with builtins of its own before any model code runs, then
-forks the candidate, which closes the verdict pipe, runs ``setup`` and the model's code in its own namespace and
+Tests are judged outside the program's process (grpo_cli/judge.py). The judge, the sandbox's first process, forks
+the candidate before it reads the tests (the candidate closes the verdict pipe and the task's descriptor: its memory
+never holds the tests), then compiles and runs the row's ``setup`` and tests in a namespace and with builtins of its
+own, and only then sends the candidate ``setup`` and the model's code, which it runs in its own namespace before it
 answers calls. The tests' ``candidate(...)`` (and the names the asserts call) are the judge's stubs that send the
 arguments to the candidate and get back plain data only: marshal's exact ``None``, ``bool``, ``int``, ``float``,
 ``complex``, ``str``, ``bytes``, ``tuple``, ``list``, ``dict``, ``set``, ``frozenset`` (no subclass, no code
