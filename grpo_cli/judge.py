@@ -128,9 +128,11 @@ def serve(box, calls, replies):
         request = receive(calls, 1 << 30)
         if request is None:
             os._exit(0)
-        target, args, kwargs = marshal.loads(request)
+        target, args, kwargs, handles = marshal.loads(request)
+        if handles:
+            args, kwargs = unwrap(args), unwrap(kwargs)
         try:
-            value = (ns[target] if type(target) is str else objects[target])(*unwrap(args), **unwrap(kwargs))
+            value = (ns[target] if type(target) is str else objects[target])(*args, **kwargs)
             try:
                 reply = marshal.dumps(("value", value))
             except ValueError:
@@ -172,9 +174,12 @@ class Candidate:
 
     def call(self, target, args, kwargs):
         try:
-            request = marshal.dumps((target, self.wrap(args), self.wrap(kwargs)))
-        except ValueError:
-            raise TypeError("only plain data can be passed to the candidate") from None
+            request = marshal.dumps((target, args, kwargs, False))
+        except ValueError:  # a handle among the arguments, or what cannot cross
+            try:
+                request = marshal.dumps((target, self.wrap(args), self.wrap(kwargs), True))
+            except ValueError:
+                raise TypeError("only plain data can be passed to the candidate") from None
         send(self.calls, request)
         data = receive(self.replies, self.limit)
         if data is None:
