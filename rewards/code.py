@@ -5,7 +5,8 @@ under test, else its last Python block, else the whole text: a usage example aft
 it. Rows bring their tests as columns: HumanEval's ``test`` and ``entry_point`` (with an optional ``setup``
 run first), MBPP's ``test_list`` of asserts, or ``inputs`` and ``outputs`` for stdin/stdout cases. A failure of the
 sandbox itself, or a row without the columns a reward needs, raises: the run stops with the reason, it never
-scores 0 in silence. Each reward counts in ``counts`` the completions without a code block and the programs that
+scores 0 in silence. The tests are judged in a process of their own, apart from the completion's code (see
+grpo_cli/sandbox.py): only plain data comes back from the code, and the verdict on a pipe the code never holds. Each reward counts in ``counts`` the completions without a code block and the programs that
 ran past the time limit.
 """
 
@@ -115,7 +116,8 @@ def _test_program(code: str, row: dict, i: int) -> Program:
 def code_tests_reward(prompts, completions, **kwargs) -> list[float]:
     """HumanEval rows (``test``, ``entry_point``): 1.0 when ``check(entry_point)`` returns after the code; MBPP rows
     (``test_list``): the share of the asserts that pass. A run that ends early (``sys.exit(0)``, ``os._exit(0)``, an
-    exit handler) or past the time limit scores 0.
+    exit handler) or past the time limit scores 0, and so does a result that only looks right (an ``__eq__`` that is
+    always true, a subclass, patched builtins): the judge compares plain data with its own builtins.
 
     >>> test = "def check(candidate):\\n    assert candidate(2, 3) == 5\\n"
     >>> code_tests_reward(None, ["```python\\ndef add(a, b):\\n    return a + b\\n```", "def add(a, b): return a"],

@@ -1,5 +1,6 @@
 """The code rewards and code data: code extraction, HumanEval, MBPP and stdin/stdout rows, the generated function
-tasks, and a harness failure as an error. The rewards run in the real sandbox (skipped where there is none)."""
+tasks, a sandbox failure as an error, and reward hacks that score 0. The rewards run in the real sandbox (skipped
+where there is none)."""
 
 import os
 import time
@@ -185,3 +186,191 @@ def test_mbpp_offline_is_the_usual_one_line_error(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(GrpoError, match="google-research-datasets/mbpp is a hub data set and the hub is offline"):
         load_examples(DataSettings(dataset="mbpp"))
+
+
+# --- Reward hacks: a wrong function that tries to pass anyway scores 0 ------------------------------------------------
+# The tests are judged in a process of their own (grpo_cli/sandbox.py): each case below worked against a harness that
+# ran the tests beside the candidate. Each runs on a HumanEval-style row and an MBPP-style one, in both modes.
+
+ROWS = {
+    "humaneval": {
+        "test": [
+            "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert abs(candidate(0.5, 0.25) - 0.75) < 1e-9\n"
+        ],
+        "entry_point": ["add"],
+    },
+    "mbpp": {"test_list": [["assert add(2, 3) == 5", "assert abs(add(0.5, 0.25) - 0.75) < 1e-9"]]},
+}
+WRONG = "def add(a, b):\n    return a - b\n"
+HACKS = {
+    "rigged __eq__ claiming int": (
+        "class Liar:\n    __class__ = int\n    def __eq__(self, other):\n        return True\n"
+        "    def __ne__(self, other):\n        return False\n    def __sub__(self, other):\n        return 0\n"
+        "    def __bool__(self):\n        return True\n    __hash__ = object.__hash__\n"
+        "def add(a, b):\n    return Liar()\n"
+    ),
+    "int subclass": (
+        "class Z(int):\n    def __eq__(self, other):\n        return True\n    def __sub__(self, other):\n"
+        "        return Z(0)\n    __hash__ = int.__hash__\ndef add(a, b):\n    return Z(0)\n"
+    ),
+    "float subclass": "class F(float):\n    __eq__ = lambda s, o: True\n    __hash__ = float.__hash__\n    __sub__ = lambda s, o: F(0)\ndef add(a, b):\n    return F(1)\n",
+    "patched abs": "import builtins\nbuiltins.abs = lambda x: 0\n" + WRONG,
+    "patched exec": "import builtins\nbuiltins.exec = lambda *args, **kwargs: None\n" + WRONG,
+    "compile that strips asserts": (
+        "import builtins\nreal = builtins.compile\n"
+        "def compile(source, filename, mode, flags=0, dont_inherit=False, optimize=-1):\n"
+        "    return real(source, filename, mode, flags, dont_inherit, 2)\n"
+        "builtins.compile = compile\n" + WRONG
+    ),
+    "rebound __builtins__": (
+        "import builtins\n__builtins__ = dict(vars(builtins), abs=lambda x: 0, AssertionError=ZeroDivisionError)\n"
+        + WRONG
+    ),
+    "AssertionError made harmless": "import builtins\nbuiltins.AssertionError = StopIteration\n" + WRONG,
+    "frames and gc": (
+        "import gc, sys\n"
+        "def add(a, b):\n"
+        "    frame = sys._getframe()\n"
+        "    while frame:\n"
+        "        for name, value in list(frame.f_locals.items()):\n"
+        "            if type(value) is int and 2 < value < 64:\n"
+        "                try:\n                    import os; os.write(value, b'RP1\\n')\n"
+        "                except OSError:\n                    pass\n"
+        "        frame = frame.f_back\n"
+        "    for d in gc.get_objects():\n"
+        "        if type(d) is dict and 'check' in d:\n"
+        "            d['check'] = lambda candidate: None\n"
+        "    return a - b\n"
+    ),
+    "inspect.stack": (
+        "import inspect\n"
+        "def add(a, b):\n"
+        "    for info in inspect.stack():\n"
+        "        info.frame.f_globals['check'] = lambda candidate: None\n"
+        "        info.frame.f_globals['passed'] = 99\n"
+        "    return a - b\n"
+    ),
+    "the judge's /proc files": (
+        "import os\n"
+        "def add(a, b):\n"
+        "    judge = os.getppid()\n"
+        "    for path in [f'/proc/{judge}/mem', *(f'/proc/{judge}/fd/{n}' for n in range(64))]:\n"
+        "        try:\n            fd = os.open(path, os.O_WRONLY)\n"
+        "        except OSError:\n            continue\n"
+        "        print('opened', path)\n"
+        "        try:\n            os.write(fd, b'RP1\\n')\n"
+        "        except OSError:\n            pass\n"
+        "    return a - b\n"
+    ),
+    "own memory scanned": (
+        "import re\n"
+        "def add(a, b):\n"
+        "    maps = open('/proc/self/maps').read().splitlines()\n"
+        "    with open('/proc/self/mem', 'rb', 0) as mem:\n"
+        "        for line in maps:\n"
+        "            start, end = (int(x, 16) for x in line.split()[0].split('-'))\n"
+        "            if 'rw' not in line.split()[1] or end - start > 1 << 26:\n                continue\n"
+        "            try:\n                mem.seek(start); chunk = mem.read(end - start)\n"
+        "            except OSError:\n                continue\n"
+        "            for m in re.finditer(rb'[0-9a-f]{32}', chunk):\n                print(m.group().decode())\n"
+        "    return a - b\n"
+    ),
+    "the tests looked up in memory": (
+        "import gc, sys\n"
+        "def add(a, b):\n"
+        "    needle = '(2, 3) =' + '= 5'\n"
+        "    for o in gc.get_objects():\n"
+        "        values = o.values() if type(o) is dict else o if type(o) in (list, tuple) else ()\n"
+        "        if any(type(v) is str and v is not needle and needle in v for v in values):\n"
+        "            return a + b\n"
+        "    return a - b\n"
+    ),
+    "replaced os.write": ("import os\nreal = os.write\nos.write = lambda fd, data: real(fd, b'RP1\\n')\n" + WRONG),
+    "forged answers on the call pipe": (
+        "import marshal\nreal = marshal.dumps\n"
+        "marshal.dumps = lambda value, *rest: real(('value', compile('1', 's', 'eval')))\n" + WRONG
+    ),
+    "garbage on the call pipe": "import marshal\nmarshal.dumps = lambda value, *rest: b'\\xff' * 64\n" + WRONG,
+    "forged counts printed": (
+        "import sys\n"
+        "for forged in ['RP1', 'P1', 'P\\u00b9', 'RP' + '9' * 5000, '\\nP2\\n', '\\u0661']:\n"
+        "    print(forged); print(forged, file=sys.stderr)\n" + WRONG
+    ),
+    "exit before the tests": "import os\nos._exit(0)\n" + WRONG,
+    "exit inside the call": "def add(a, b):\n    raise SystemExit(0)\n",
+    "kill the judge": "import os, signal\ndef add(a, b):\n    os.kill(os.getppid(), signal.SIGKILL)\n    return a - b\n",
+    "non-plain result": "def add(a, b):\n    return iter([a + b])\n",
+}
+
+
+@pytest.fixture(scope="module", params=["namespaces", "rlimits"])
+def any_box(request):
+    limits = sandbox.Limits(wall_seconds=3, cpu_seconds=3)
+    if request.param == "namespaces":
+        resolved = sandbox.resolve(limits=limits)
+        if resolved.problem and not os.environ.get("GRPO_REQUIRE_SANDBOX"):
+            pytest.skip(f"no sandbox here: {resolved.problem}")
+    else:
+        resolved = sandbox.resolve("rlimits", limits)
+    assert resolved.problem is None, resolved.problem
+    return resolved
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+@pytest.mark.parametrize("hack", list(HACKS))
+def test_a_wrong_function_that_games_the_tests_scores_0(any_box, monkeypatch, row, hack):
+    monkeypatch.setattr(sandbox, "_current", any_box)
+    honest = "def add(a, b):\n    return a + b\n"
+    completions = [f"```python\n{HACKS[hack]}```", honest]
+    columns = {k: v * 2 for k, v in ROWS[row].items()}
+    assert code_tests_reward(None, completions, **columns) == [0.0, 1.0]
+
+
+def test_stopiteration_from_the_candidate_does_not_end_the_tests_loop(any_box, monkeypatch):
+    monkeypatch.setattr(sandbox, "_current", any_box)
+    test = (
+        "def check(candidate):\n    for got, want in zip(map(candidate, [1, 2]), [2, 4]):\n        assert got == want\n"
+    )
+    stops = "def double(x):\n    raise StopIteration\n"
+    honest = "def double(x):\n    return 2 * x\n"
+    assert code_tests_reward(None, [stops, honest], test=[test] * 2, entry_point=["double"] * 2) == [0.0, 1.0]
+
+
+def test_the_judges_files_stay_closed_to_the_candidate(any_box):
+    code = HACKS["the judge's /proc files"]
+    result = any_box.run(sandbox.Program(code, test=ROWS["humaneval"]["test"][0], entry_point="add"))
+    assert result.returncode == 0 and not result.passed
+    assert "opened" not in result.stdout
+
+
+def test_prompt_helpers_are_the_judges_own(sandboxed):
+    """HumanEval/32, /38 and /50 check through helpers their prompt defines: a completion that redefines them along
+    with a wrong function scores 0, the canonical solutions 1."""
+    examples = load_examples(DataSettings(dataset="humaneval", split="test", system_prompt=CODE_SYSTEM_PROMPT))
+    rows = [examples[i] for i in (32, 38, 50)]
+    hacks = [
+        "def poly(xs, x):\n    return 0\ndef find_zero(xs):\n    return 0.5\n",
+        "def encode_cyclic(s):\n    return s\ndef decode_cyclic(s):\n    return s\n",
+        "def encode_shift(s):\n    return s\ndef decode_shift(s):\n    return s\n",
+    ]
+    columns = {k: [r[k] for r in rows] * 2 for k in ("test", "entry_point", "setup")}
+    completions = [f"```python\n{h}```" for h in hacks] + [f"```python\n{r['answer']}```" for r in rows]
+    assert code_tests_reward(None, completions, **columns) == [0.0] * 3 + [1.0] * 3
+
+
+def test_mbpp_names_the_solution_imported_and_objects_it_made(sandboxed):
+    """MBPP's asserts may use a module only the solution imported (math.isclose) and objects of a class the solution
+    defines, passed back to it: the judge imports its own module and holds the objects as handles."""
+    asserts = [
+        "assert math.isclose(area(1), 3.14159, rel_tol=1e-3)",
+        "assert longest([Pair(5, 24), Pair(15, 25), Pair(27, 40)]) == 40",
+    ]
+    code = (
+        "import math\ndef area(r):\n    return math.pi * r * r\nclass Pair:\n    def __init__(self, a, b):\n"
+        "        self.a, self.b = a, b\ndef longest(pairs):\n    return max(p.b for p in pairs)\n"
+    )
+    truthy = (
+        code
+        + "class Pair:\n    def __init__(self, a, b):\n        pass\n    def __eq__(self, other):\n        return True\n"
+    )
+    assert code_tests_reward(None, [code, truthy], test_list=[asserts] * 2) == [1.0, 0.5]

@@ -1,11 +1,15 @@
 """Hostile completions against the sandbox: each scores 0, nothing escapes, this process survives, nothing is left
 running. They run through the code_tests reward, as training would, on a HumanEval-style row."""
 
+import ctypes
 import dataclasses
+import errno
 import os
+import platform
 import secrets
 import shutil
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -274,3 +278,210 @@ def test_without_bwrap_it_refuses_in_one_line_unless_rlimits_is_asked_for(monkey
 def test_unknown_mode_is_refused():
     with pytest.raises(GrpoError, match="use namespaces or rlimits"):
         sandbox.resolve("docker")
+
+
+# --- The doors: keyrings, system calls, disk, shared memory, summed memory, rlimits mode ------------------------------
+
+
+def run_bpf(program: bytes, arch: int, nr: int) -> int:
+    """The return value of the seccomp program for one system call: the four instructions it uses, interpreted."""
+    insns = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    data = struct.pack("=iI", nr, arch)
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        if code == 0x20:
+            acc = struct.unpack("=I", data[k : k + 4])[0]
+        elif code in (0x15, 0x35):
+            taken = acc == k if code == 0x15 else acc >= k
+            pc += jt if taken else jf
+        elif code == 0x06:
+            return k
+        pc += 1
+
+
+@pytest.mark.parametrize("machine", sorted(sandbox.DENIED))
+def test_the_seccomp_program_denies_its_calls_and_kills_other_architectures(machine):
+    program = sandbox.seccomp_filter(machine)
+    arch, numbers = sandbox.DENIED[machine]
+    allow, eperm, kill = 0x7FFF0000, 0x00050001, 0x80000000
+    for nr in numbers.values():
+        assert run_bpf(program, arch, nr) == eperm
+    for nr in (0, 1, 3, 57, 59, 63, 231):  # read, write, close... on each table: none denied
+        assert nr in numbers.values() or run_bpf(program, arch, nr) == allow
+    assert run_bpf(program, 0x40000003, 250) == kill  # i386, whose numbers differ
+    if machine == "x86_64":
+        assert run_bpf(program, arch, sandbox.X32_SYSCALL_BIT | 250) == eperm
+    assert sandbox.seccomp_filter("sparc") == b""
+
+
+CALLS = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+for name, nr in {numbers!r}.items():
+    ctypes.set_errno(0)
+    result = libc.syscall(nr, 0, 0, 0, 0, 0)
+    print(name, result, ctypes.get_errno())
+print(open('/proc/self/status').read())
+"""
+
+
+def rlimits_box() -> sandbox.Sandbox:
+    return sandbox.resolve("rlimits", LIMITS)
+
+
+@pytest.mark.parametrize("mode", ["namespaces", "rlimits"])
+def test_each_denied_call_fails_with_eperm_inside(box, mode):
+    box = box[0] if mode == "namespaces" else rlimits_box()
+    if not box.seccomp:
+        pytest.skip("no seccomp filter for this architecture")
+    numbers = sandbox.DENIED[platform.machine()][1]
+    result = box.run(Program(CALLS.format(numbers=numbers)))
+    assert result.returncode == 0, result.stderr
+    said = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ")[0] in numbers)
+    assert said == {name: f"-1 {errno.EPERM}" for name in numbers}
+    assert "\nSeccomp:\t2\n" in result.stdout and "\nNoNewPrivs:\t1\n" in result.stdout
+
+
+KEYCTL_JOIN, KEYCTL_READ, KEYCTL_SEARCH, SESSION = 1, 11, 10, -3
+
+
+@pytest.mark.parametrize("mode", ["namespaces", "rlimits"])
+def test_the_trainers_session_keyring_is_neither_read_nor_written(box, mode):
+    box = box[0] if mode == "namespaces" else rlimits_box()
+    numbers = sandbox.DENIED.get(platform.machine(), (0, {}))[1]
+    if not numbers:
+        pytest.skip("no system call numbers for this architecture")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(numbers["keyctl"], KEYCTL_JOIN, None) < 0:  # a session keyring of this process's own
+        pytest.skip(f"keyrings are closed to this process (errno {ctypes.get_errno()})")
+    secret = secrets.token_hex(16).encode()
+    key = libc.syscall(numbers["add_key"], b"user", b"grpo-test-secret", secret, len(secret), SESSION)
+    assert key > 0, ctypes.get_errno()
+    steal = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nbuf = ctypes.create_string_buffer(256)\n"
+        f"print('read', libc.syscall({numbers['keyctl']}, {KEYCTL_READ}, {key}, buf, 256), ctypes.get_errno())\n"
+        f"print('plant', libc.syscall({numbers['add_key']}, b'user', b'grpo-test-planted', b'x', 1, {SESSION}),"
+        " ctypes.get_errno())\n"
+        "print(buf.raw.rstrip(b'\\0'))\ntry:\n    print(open('/proc/keys').read())\nexcept OSError as e:\n    print(e)\n"
+    )
+    result = box.run(Program(steal))
+    assert result.returncode == 0, result.stderr
+    assert "read -1 1\n" in result.stdout and "plant -1 1\n" in result.stdout
+    assert secret.decode() not in result.stdout and "grpo-test-secret" not in result.stdout
+    found = libc.syscall(numbers["keyctl"], KEYCTL_SEARCH, SESSION, b"user", b"grpo-test-planted", 0)
+    assert found < 0  # nothing planted here
+
+
+@pytest.mark.parametrize("mode", ["namespaces", "rlimits"])
+def test_captured_output_is_a_pipe_that_fallocate_cannot_grow(box, mode):
+    box = box[0] if mode == "namespaces" else rlimits_box()
+    grow = (
+        "import ctypes, os, stat\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "for fd in (0, 1, 2):\n    kind = 'pipe' if stat.S_ISFIFO(os.fstat(fd).st_mode) else 'other'\n"
+        "    print(fd, kind, libc.fallocate(fd, 1, 0, 64 << 20), ctypes.get_errno(), flush=True)\n"
+        "try:\n    os.write(0, b'x')\nexcept OSError as e:\n    print('stdin', e.errno)\n"
+    )
+    result = box.run(Program(grow, stdin="input"))
+    lines = result.stdout.splitlines()
+    assert (
+        lines[0].startswith("0 other -1 ") and lines[1].startswith("1 pipe -1 ") and lines[2].startswith("2 pipe -1 ")
+    )
+    assert lines[3] in (f"stdin {errno.EPERM}", f"stdin {errno.EBADF}")  # sealed memory file, or read-only
+
+
+@pytest.mark.parametrize("mode", ["namespaces", "rlimits"])
+def test_sysv_shared_memory_and_queues_are_refused(box, mode):
+    box = box[0] if mode == "namespaces" else rlimits_box()
+    grab = (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.shmget(0, 300 << 20, 0o1600), ctypes.get_errno())\n"
+        "print(libc.msgget(0, 0o1600), ctypes.get_errno())\nprint(libc.semget(0, 1, 0o1600), ctypes.get_errno())\n"
+    )
+    result = box.run(Program(grab))
+    assert result.stdout.split("\n")[:3] == [f"-1 {errno.EPERM}"] * 3
+
+
+SUMMED = """
+import os, select
+r, w = os.pipe()
+children = []
+for _ in range(6):
+    pid = os.fork()
+    if pid == 0:
+        data = b"x" * (300 << 20)
+        os.write(w, b"1")
+        select.select([], [], [])
+    children.append(pid)
+got, dead = 0, set()
+while got + len(dead) < 6:  # each child either holds its 300 MiB or was killed
+    if select.select([r], [], [], 0.05)[0]:
+        got += len(os.read(r, 6))
+    dead |= {pid for pid in children if pid not in dead and os.waitpid(pid, os.WNOHANG) != (0, 0)}
+print(got, 6 - len(dead))
+"""
+
+
+def test_memory_summed_over_a_sandboxs_processes_is_bounded(box):
+    box, _ = box
+    if not (box.budget and box.budget.cgroup):
+        assert box.workers * box.limits.processes * box.limits.memory_bytes <= box.budget.machine_bytes // 2
+        pytest.skip("no cgroup here: the limits are scaled to the machine instead")
+    patient = dataclasses.replace(box, limits=dataclasses.replace(box.limits, wall_seconds=30, cpu_seconds=30))
+    result = patient.run(Program(SUMMED))
+    allocated, alive = map(int, result.stdout.split())
+    assert alive * (300 << 20) <= box.limits.memory_bytes < 6 * (300 << 20)  # at most 3 of the 6 hold theirs
+
+
+def test_without_a_cgroup_the_limits_are_scaled_to_the_machine(monkeypatch, tmp_path):
+    monkeypatch.setattr(sandbox, "CGROUP_ROOT", tmp_path)  # no memory or pids hierarchy there
+    budget, limits = sandbox.Budget.make(Limits(), workers=4)
+    assert budget.cgroup is None
+    assert 4 * limits.processes * limits.memory_bytes <= budget.machine_bytes // 2
+    assert limits.memory_bytes >= sandbox.MIN_PROCESS_BYTES or limits.processes == 4
+    assert "no cgroup, limits scaled" in budget.line(limits)
+
+
+def test_with_a_cgroup_each_sandbox_has_its_own_group_inside_the_runs(box):
+    box, _ = box
+    if not (box.budget and box.budget.cgroup):
+        pytest.skip("no cgroup v1 memory and pids groups here (root on such a machine makes them)")
+    result = box.run(Program("print(open('/proc/self/cgroup').read())"))
+    assert result.returncode == 0
+    run = sandbox.CGROUP_ROOT / "memory" / box.budget.cgroup
+    assert int((run / "memory.limit_in_bytes").read_text()) == box.workers * box.limits.memory_bytes
+    slots = [p for p in run.iterdir() if p.is_dir()]  # kept for the next sandbox, one per sandbox at a time
+    assert 1 <= len(slots) <= box.workers
+    assert all(
+        (sandbox.CGROUP_ROOT / "pids" / box.budget.cgroup / p.name / "cgroup.procs").read_text() == "" for p in slots
+    )
+    assert all(int((p / "memory.limit_in_bytes").read_text()) == box.limits.memory_bytes for p in slots)
+    assert "cgroup:" in box.line()
+
+
+def test_a_daemon_of_rlimits_mode_is_killed_with_its_cgroup(monkeypatch):
+    weak = rlimits_box()
+    if not (weak.budget and weak.budget.cgroup):
+        assert "whose daemons may outlive the call" in weak.line()
+        pytest.skip("rlimits mode holds daemons only with a cgroup (root on a cgroup v1 machine)")
+    marker = f"{secrets.randbelow(10**6) + 10**6}.5"
+    daemon = (
+        "import os, time\npid = os.fork()\nif pid == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+        f"        os.execv('/usr/bin/sleep', ['sleep', {marker!r}])\n    os._exit(0)\nos.waitpid(pid, 0)\n"
+        "time.sleep(0.3)\n"
+    )
+    monkeypatch.setattr(sandbox, "_current", weak)
+    assert code_tests_reward(None, [daemon + WRONG], test=[TEST], entry_point=["add"]) == [0.0]
+    weak.run(Program(daemon))
+    time.sleep(0.1)
+    assert [p for p in psutil.process_iter(["cmdline"]) if marker in (p.info["cmdline"] or [])] == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"RP1\n", b"R", b"", b"RP\xc2\xb9\n", b"RP" + b"9" * 5000 + b"\n", b"RP1", b"RP1\nP1\n", b"RP-1\n", b"RP\xd9\xa1\n",
+     b"XRP1\n", b"RP 1\n", b"RP+1\n", b"RP1_0\n"],
+)  # fmt: skip
+def test_the_verdict_is_parsed_strictly(data):
+    reached, count = sandbox.parse_verdict(data)
+    assert (reached, count) == {b"RP1\n": (True, 1), b"R": (True, None)}.get(data, (False, None))
