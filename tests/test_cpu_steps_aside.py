@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo_cli import generate
+from grpo_cli import cpu_speed
 from grpo_cli.cpu_speed import cache_shareable, prefix_once, prompts_prefilled_once, shared_prompt_logps
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "grpo_bench.py"
@@ -16,7 +16,7 @@ GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=No
 
 @pytest.fixture(autouse=True)
 def nothing_said_yet(monkeypatch):
-    monkeypatch.setattr(generate, "_stepped_aside", set())
+    monkeypatch.setattr(cpu_speed, "_stepped_aside", set())
 
 
 def tiny_qwen3_5_config(**extra):
