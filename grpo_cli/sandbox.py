@@ -234,7 +234,7 @@ def judged_names(test: str | None, asserts: tuple[str, ...]) -> dict:
 
     >>> judged_names(None, ("assert math.isclose(area(1), 3.14, rel_tol=0.01)",))
     {'modules': ['math'], 'remote': ['area'], 'imports': []}
-    >>> judged_names("def check(candidate):\n    assert poly(candidate([1]), 0) == 0\n", ())
+    >>> judged_names("def check(candidate):\\n    assert poly(candidate([1]), 0) == 0\\n", ())
     {'modules': [], 'remote': [], 'imports': []}
     """
     loads, bare, imports, called = set(), set(), set(), set()
