@@ -6,8 +6,9 @@ task from a second descriptor and runs as ``__main__`` in this process. Tests ar
 forked first, before this process reads the task, and closes the verdict pipe and the task's descriptor, so its
 memory never holds the tests; the row's setup and tests then run in this process's namespace, with its builtins,
 compiled before the candidate is sent the setup and the model's code, which it runs in its own namespace before it
-answers calls on a pair of pipes. The names the
-tests call are stubs that send the arguments (marshal) and take back plain data only, checked here. The last word
+answers calls on a pair of pipes. The entry
+point and the names the asserts call are stubs that send the arguments (marshal) and take back plain data only,
+checked here; any other name a test uses is the setup's or the judge's, never the candidate's. The last word
 on the verdict pipe is ``P<count>\n``. Only the standard library's cheapest modules load before the task: each
 sandbox pays for this file's start-up. See grpo_cli/sandbox.py for the sandbox around it.
 """

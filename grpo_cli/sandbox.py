@@ -46,7 +46,7 @@ object), checked by the judge; anything else comes back as an opaque handle that
 candidate (its truth value raises). An exception the candidate raises is raised in the judge as the builtin
 exception of that name (``RuntimeError`` for any other, and for ``StopIteration``, which would end a test's loop
 over ``map(candidate, ...)`` early). Helpers of the task's prompt that the tests use are the
-judge's own copies. The judge is not dumpable (the candidate, same uid, cannot open its ``/proc`` files, memory or
+judge's own copies (one that ``setup`` does not define is a ``NameError`` in the judge). The judge is not dumpable (the candidate, same uid, cannot open its ``/proc`` files, memory or
 descriptors), and it reports on a pipe the candidate never holds; the trainer parses that report strictly
 (``parse_verdict``). Arguments are copied: a test that reads back an argument the function changed in place sees
 it unchanged.
