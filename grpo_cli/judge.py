@@ -6,12 +6,14 @@ task from a second descriptor and runs as ``__main__`` in this process. Tests ar
 forked first, before this process reads the task, and closes the verdict pipe and the task's descriptor, so its
 memory never holds the tests; the row's setup and tests then run in this process's namespace, with its builtins,
 compiled before the candidate is sent the setup and the model's code, which it runs in its own namespace before it
-answers calls on a pair of pipes. The names the
-tests call are stubs that send the arguments (marshal) and take back plain data only, checked here. The last word
+answers calls on a pair of pipes. The entry
+point and the names the asserts call are stubs that send the arguments (marshal) and take back plain data only,
+checked here; any other name a test uses is the setup's or the judge's, never the candidate's. The last word
 on the verdict pipe is ``P<count>\n``. Only the standard library's cheapest modules load before the task: each
 sandbox pays for this file's start-up. See grpo_cli/sandbox.py for the sandbox around it.
 """
 
+import _signal
 import builtins
 import marshal
 import os
@@ -72,6 +74,7 @@ def read_exactly(fd, size):
 
 
 def plain(value):
+    # Only containers of ``value`` itself are pushed, which ``value`` keeps alive: no id in ``seen`` is reused.
     stack, seen = [value], set()
     while stack:
         item = stack.pop()
@@ -83,7 +86,11 @@ def plain(value):
         if id(item) in seen:
             continue
         seen.add(id(item))
-        stack.extend(item.items() if kind is dict else item)  # (key, value) pairs are tuples
+        if kind is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        else:
+            stack.extend(item)
     return True
 
 
@@ -237,7 +244,7 @@ def judge(box, task_fd, verdict):
         for name in task["remote"]:
             if name not in ns:
                 ns[name] = candidate.stub(name)
-        if task["entry_point"]:
+        if task["entry_point"]:  # the one name of a HumanEval test that is the candidate's (its helpers are not)
             ns[task["entry_point"]] = candidate.stub(task["entry_point"])
         if test is not None:
             try:
@@ -263,6 +270,9 @@ def judge(box, task_fd, verdict):
 
 
 def main(box_fd, task_fd, verdict):
+    # PID 1 of a namespace gets the signals it handles from inside, and Python handles SIGINT: a candidate could
+    # raise KeyboardInterrupt in the judge at a time of its choosing. _signal: signal.py would import enum.
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     with os.fdopen(box_fd, "rb") as f:
         box = marshal.loads(f.read())
     harden(box)
@@ -279,6 +289,7 @@ def main(box_fd, task_fd, verdict):
         judge(box, task_fd, verdict)
     os.write(verdict, b"R")
     os.close(verdict)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)  # a program of its own: Python's usual SIGINT
     with os.fdopen(task_fd, "rb") as f:
         task = marshal.loads(f.read())
     ns = {"__name__": "__main__", "__builtins__": builtins}

@@ -6,22 +6,27 @@ even in a user namespace without capabilities), with:
 
 - namespaces of its own: user (no capabilities, uid 65534 inside, no further user namespaces), PID (nothing it
   starts outlives the call: its first process, the judge, is PID 1 there, and when it ends the kernel kills the
-  rest; the kernel ignores the signals sent to it from inside; no reaper of bwrap's own is left behind), network (a loopback that is
-  down: no connection anywhere, not even to 127.0.0.1 or an abstract socket of the host), mount, IPC (no SysV
-  object of the host), UTS, cgroup;
+  rest; the kernel drops the signals sent to it from inside that it has no handler for, and it ignores ``SIGINT``,
+  the one Python handles; no reaper of bwrap's own is left behind), network (a loopback that is down: no
+  connection anywhere, not even to 127.0.0.1 or an abstract socket of the host), mount, IPC (no SysV object of the
+  host), UTS, cgroup;
 - a new session, so it cannot signal the trainer's process group nor push keys into its terminal, and a fresh
   session keyring;
 - a seccomp filter (``seccomp_filter``): ``keyctl``, ``add_key``, ``request_key`` (no keyring, the user's own
   included), ``shmget``, ``shmat``, ``msgget``, ``semget`` (no SysV memory, which belongs to no process),
-  ``io_uring_*``, ``ptrace``, ``process_vm_readv``/``writev``, ``pidfd_getfd`` and ``fallocate`` fail with EPERM;
-  a system call through another architecture's table (32-bit) kills the process, an x32 one fails;
+  ``io_uring_*``, Linux AIO (``io_setup``, ``io_submit``, ``io_getevents``, ``io_pgetevents``, ``io_cancel``,
+  ``io_destroy``: its contexts count against the host's ``fs.aio-max-nr``), ``ptrace``,
+  ``process_vm_readv``/``writev``, ``pidfd_getfd`` and ``fallocate`` fail with EPERM; a system call through
+  another architecture's table (32-bit) kills the process, an x32 one fails;
 - a file system of its own: ``/usr`` (and ``/bin``, ``/lib``...), the Python installation it runs on (the
   trainer's own, or the system's where nobody cannot reach that one), ``/etc/ld.so.cache``, a fresh ``/proc`` and
   a minimal ``/dev``, all read-only, and two small private tmpfs folders, ``/tmp`` (its working folder and
   ``HOME``) and ``/dev/shm``, the only places it can write. The home folders, ``/root``, the rest of ``/etc``, the
   project, the data, ``/var``, ``/run``, ``/sys`` and the GPUs are not there at all;
 - standard input a sealed memory file, standard output and error pipes the trainer reads up to ``file_bytes``
-  each: nothing it prints lands on a disk;
+  each: nothing it prints lands on a disk; a ``Result`` keeps them as bytes (standard error's first
+  ``STDERR_KEPT`` only) and decodes them when read, so a batch of results holds at most ``file_bytes`` and 64 KiB
+  each;
 - an empty environment (PATH, HOME, TMPDIR and LANG only: no tokens, no ``HF_*`` or ``WANDB_*``);
 - limits, set inside the sandbox before the program runs: wall time (the whole namespace is killed), CPU time,
   address space per process, processes and threads, file size, open files, no core dumps;
@@ -41,7 +46,7 @@ object), checked by the judge; anything else comes back as an opaque handle that
 candidate (its truth value raises). An exception the candidate raises is raised in the judge as the builtin
 exception of that name (``RuntimeError`` for any other, and for ``StopIteration``, which would end a test's loop
 over ``map(candidate, ...)`` early). Helpers of the task's prompt that the tests use are the
-judge's own copies. The judge is not dumpable (the candidate, same uid, cannot open its ``/proc`` files, memory or
+judge's own copies (one that ``setup`` does not define is a ``NameError`` in the judge). The judge is not dumpable (the candidate, same uid, cannot open its ``/proc`` files, memory or
 descriptors), and it reports on a pipe the candidate never holds; the trainer parses that report strictly
 (``parse_verdict``). Arguments are copied: a test that reads back an argument the function changed in place sees
 it unchanged.
@@ -139,14 +144,29 @@ class Program:
     asserts: tuple[str, ...] = ()
 
 
+STDERR_KEPT = 1 << 16  # the bytes of standard error a Result keeps: the rest is read and dropped
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
+    """What a program did. Its output is kept as bytes (standard output up to ``file_bytes``, standard error's first
+    ``STDERR_KEPT``) and decoded, invalid UTF-8 replaced, each time ``stdout`` or ``stderr`` is read: text of a
+    few wide characters takes up to four times its bytes, and rewards hold a batch's results together."""
+
     returncode: int | None  # None: killed at the wall-time limit
-    stdout: str
-    stderr: str
+    output: bytes
+    errors: bytes
     seconds: float
     passed: bool = False  # tests: check() returned; asserts: every one passed
     asserts_passed: int = 0
+
+    @property
+    def stdout(self) -> str:
+        return self.output.decode("utf-8", errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self.errors.decode("utf-8", errors="replace")
 
     @property
     def timed_out(self) -> bool:
@@ -161,11 +181,14 @@ DENIED = {
         "keyctl": 250, "add_key": 248, "request_key": 249, "shmget": 29, "shmat": 30, "msgget": 68, "semget": 64,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "ptrace": 101,
         "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438, "fallocate": 285,
+        "io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209, "io_cancel": 210,
+        "io_pgetevents": 333,
     }),
     "aarch64": (0xC00000B7, {
         "keyctl": 219, "add_key": 217, "request_key": 218, "shmget": 194, "shmat": 196, "msgget": 186,
         "semget": 190, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "ptrace": 117,
         "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_getfd": 438, "fallocate": 47,
+        "io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_cancel": 3, "io_getevents": 4, "io_pgetevents": 292,
     }),
 }  # fmt: skip
 X32_SYSCALL_BIT = 0x40000000
@@ -204,14 +227,18 @@ RUNNER = (Path(__file__).with_name("judge.py")).read_text()
 def judged_names(test: str | None, asserts: tuple[str, ...]) -> dict:
     """What the judge puts in its namespace for the tests, where ``setup`` and the test did not define it: the
     modules of the standard library the tests use only as ``module.attribute`` (``math.isclose`` in MBPP's asserts,
-    which the solution imported), and stubs that call the candidate for every other free name; and the modules the
-    tests import, which the judge imports before any model code runs.
+    which the solution imported), and stubs that call the candidate for every other free name of the asserts; and
+    the modules the tests import, which the judge imports before any model code runs. A HumanEval ``test`` gets no
+    stub but its entry point's (the judge makes that one): a helper it calls that ``setup`` did not define is a
+    ``NameError`` in the judge, never the candidate's function of that name.
 
     >>> judged_names(None, ("assert math.isclose(area(1), 3.14, rel_tol=0.01)",))
     {'modules': ['math'], 'remote': ['area'], 'imports': []}
+    >>> judged_names("def check(candidate):\\n    assert poly(candidate([1]), 0) == 0\\n", ())
+    {'modules': [], 'remote': [], 'imports': []}
     """
-    loads, bare, imports = set(), set(), set()
-    for source in [test or "", *asserts]:
+    loads, bare, imports, called = set(), set(), set(), set()
+    for i, source in enumerate([test or "", *asserts]):
         try:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):
@@ -220,6 +247,8 @@ def judged_names(test: str | None, asserts: tuple[str, ...]) -> dict:
         for node in ast.walk(tree):
             if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
                 loads.add(node.id)
+                if i:  # an assert's
+                    called.add(node.id)
                 if id(node) not in bases:
                     bare.add(node.id)  # called or passed as it is: not a module
             elif isinstance(node, ast.Import):
@@ -228,7 +257,8 @@ def judged_names(test: str | None, asserts: tuple[str, ...]) -> dict:
                 imports.add(node.module)
     loads -= set(dir(builtins))
     modules = {name for name in loads - bare if name.split(".")[0] in sys.stdlib_module_names}
-    return {"modules": sorted(modules), "remote": sorted(loads - modules), "imports": sorted(imports)}
+    remote = (called & loads) - modules
+    return {"modules": sorted(modules), "remote": sorted(remote), "imports": sorted(imports)}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -587,7 +617,7 @@ class Sandbox:
             if work:
                 shutil.rmtree(work, ignore_errors=True)
         if not reached:
-            said = next((line for line in err.splitlines() if line.strip()), "no output")
+            said = next((line for line in err.decode(errors="replace").splitlines() if line.strip()), "no output")
             what = f"did not start within {self.limits.wall_seconds:g}s" if returncode is None else "failed"
             raise SandboxError(f"the sandbox {what} before running the program ({said[:200]})")
         if returncode == 0 and count is not None:
@@ -607,7 +637,7 @@ class Sandbox:
         finally:  # a reward interrupted at its time limit leaves no queued sandbox behind
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _spawn(self, join, tasks, verdict_w, stdin, out_r, err_r, fds, work) -> tuple[int | None, str, str]:
+    def _spawn(self, join, tasks, verdict_w, stdin, out_r, err_r, fds, work) -> tuple[int | None, bytes, bytes]:
         """Start the sandbox, read its output while it runs, kill it at the wall-time limit; the exit status (None
         if killed), stdout and stderr. The write ends of the pipes (the ones after ``out_r`` and ``err_r`` in
         ``fds``) are closed here, once the sandbox holds them."""
@@ -636,7 +666,8 @@ class Sandbox:
         deadline = time.monotonic() + self.limits.wall_seconds
         init = _sandbox_init(info_r, proc.pid) if info_r is not None else None
         try:
-            texts = _collect([out_r, err_r], fds, deadline, self.limits.file_bytes)
+            limit = self.limits.file_bytes
+            texts = _collect([out_r, err_r], fds, deadline, limit, [limit, STDERR_KEPT])
             try:
                 returncode = proc.wait(timeout=max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
@@ -677,10 +708,12 @@ def _sealed(data: bytes, name: str) -> int:
     return fd
 
 
-def _collect(pipes: list[int], fds: list[int], deadline: float, limit: int) -> list[str]:
+def _collect(pipes: list[int], fds: list[int], deadline: float, limit: int, keep: list[int]) -> list[bytes]:
     """Read each pipe until its end, the deadline or ``limit`` bytes: past the limit the pipe is closed (the
-    program's next write fails) and what came is kept."""
+    program's next write fails); of what came, the first ``keep`` bytes (one number per pipe) are kept."""
     chunks = {fd: bytearray() for fd in pipes}
+    read = dict.fromkeys(pipes, 0)
+    kept_bytes = dict(zip(pipes, keep))
     with selectors.DefaultSelector() as selector:
         for fd in pipes:
             selector.register(fd, selectors.EVENT_READ)
@@ -688,12 +721,13 @@ def _collect(pipes: list[int], fds: list[int], deadline: float, limit: int) -> l
             for key, _ in selector.select(left):
                 data = os.read(key.fd, 1 << 16)
                 kept = chunks[key.fd]
-                kept += data[: limit - len(kept)]
-                if not data or len(kept) >= limit:
+                kept += data[: min(limit, kept_bytes[key.fd]) - len(kept)]
+                read[key.fd] += len(data)
+                if not data or read[key.fd] >= limit:
                     selector.unregister(key.fd)
                     if data:
                         _close(fds, key.fd)
-    return [chunks[fd].decode("utf-8", errors="replace") for fd in pipes]
+    return [bytes(chunks[fd]) for fd in pipes]
 
 
 def _read_upto(fd: int, limit: int) -> bytes:

@@ -358,6 +358,28 @@ def test_prompt_helpers_are_the_judges_own(sandboxed):
     assert code_tests_reward(None, completions, **columns) == [0.0] * 3 + [1.0] * 3
 
 
+def test_prompt_helpers_never_call_the_candidate_when_a_row_has_no_setup(sandboxed, write_jsonl):
+    """A HumanEval-shaped row loaded with a question column of its own still runs its prompt first; a row scored
+    without any setup fails a test that calls a helper, instead of calling the candidate's function of that name."""
+    examples = load_examples(DataSettings(dataset="humaneval", split="test", system_prompt=CODE_SYSTEM_PROMPT))
+    rows = [examples[i] for i in (32, 38, 50)]
+    raw = [{"question": "Complete it.", "prompt": r["setup"], "entry_point": r["entry_point"], "test": r["test"]}
+           for r in rows]  # fmt: skip
+    loaded = load_examples(DataSettings(dataset=str(write_jsonl(raw)), system_prompt=CODE_SYSTEM_PROMPT))
+    assert [e.get("setup") for e in loaded] == [r["setup"] for r in rows]
+    hacks = [
+        "def poly(xs, x):\n    return 0.0\ndef find_zero(xs):\n    return 0.0\n",
+        "def encode_cyclic(s):\n    return s\ndef decode_cyclic(s):\n    return s\n",
+        "def encode_shift(s):\n    return s\ndef decode_shift(s):\n    return s\n",
+    ]
+    columns = {k: [r[k] for r in rows] for k in ("test", "entry_point")}
+    completions = [f"```python\n{h}```" for h in hacks]
+    assert code_tests_reward(None, completions, **columns) == [0.0] * 3
+    assert code_tests_reward(None, completions, **columns, setup=[r["setup"] for r in loaded]) == [0.0] * 3
+    answers = [f"```python\n{r['answer']}```" for r in rows]
+    assert code_tests_reward(None, answers, **columns, setup=[r["setup"] for r in loaded]) == [1.0] * 3
+
+
 def test_mbpp_names_the_solution_imported_and_objects_it_made(sandboxed):
     """MBPP's asserts may use a module only the solution imported (math.isclose) and objects of a class the solution
     defines, passed back to it: the judge imports its own module and holds the objects as handles."""

@@ -10,6 +10,7 @@ import secrets
 import shutil
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -326,6 +327,19 @@ print(open('/proc/self/status').read())
 """
 
 
+AIO = {
+    "x86_64": {"io_setup": 206, "io_destroy": 207, "io_getevents": 208, "io_submit": 209, "io_cancel": 210,
+               "io_pgetevents": 333},
+    "aarch64": {"io_setup": 0, "io_destroy": 1, "io_submit": 2, "io_cancel": 3, "io_getevents": 4,
+                "io_pgetevents": 292},
+}  # fmt: skip
+AIO_SETUP = """
+context = ctypes.c_ulong(0)
+ctypes.set_errno(0)
+print('aio', libc.syscall({nr}, 64, ctypes.byref(context)), ctypes.get_errno())
+"""
+
+
 def rlimits_box() -> sandbox.Sandbox:
     return sandbox.resolve("rlimits", LIMITS)
 
@@ -336,10 +350,12 @@ def test_each_denied_call_fails_with_eperm_inside(box, mode):
     if not box.seccomp:
         pytest.skip("no seccomp filter for this architecture")
     numbers = sandbox.DENIED[platform.machine()][1]
-    result = box.run(Program(CALLS.format(numbers=numbers)))
+    assert AIO[platform.machine()].items() <= numbers.items()  # Linux AIO: contexts count against fs.aio-max-nr
+    result = box.run(Program(CALLS.format(numbers=numbers) + AIO_SETUP.format(nr=numbers["io_setup"])))
     assert result.returncode == 0, result.stderr
     said = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.split(" ")[0] in numbers)
     assert said == {name: f"-1 {errno.EPERM}" for name in numbers}
+    assert f"aio -1 {errno.EPERM}\n" in result.stdout  # with valid arguments too
     assert "\nSeccomp:\t2\n" in result.stdout and "\nNoNewPrivs:\t1\n" in result.stdout
 
 
@@ -485,3 +501,39 @@ def test_a_daemon_of_rlimits_mode_is_killed_with_its_cgroup(monkeypatch):
 def test_the_verdict_is_parsed_strictly(data):
     reached, count = sandbox.parse_verdict(data)
     assert (reached, count) == {b"RP1\n": (True, 1), b"R": (True, None)}.get(data, (False, None))
+
+
+def test_the_judge_takes_no_code_object_nested_in_dicts():
+    """Tuples made on the way (a dict's items) are freed and their ids reused: the walk must not skip by them."""
+    from grpo_cli import judge
+
+    code = compile("1", "", "eval")
+    for reply in [("value", {0: {1: code}}), ("value", {0: {1: {2: ...}}}), ("value", [{0: 1}, {(1, 2): {3: code}}])]:
+        assert not judge.plain(reply)
+    assert judge.plain(("value", {0: {1: (2, [3.0, b"4", {5}])}, "a": frozenset({None})}))
+
+
+@pytest.mark.parametrize("mode", ["namespaces", "rlimits"])
+def test_sigint_to_the_judge_changes_nothing(box, mode, monkeypatch):
+    """The candidate's parent is the judge (PID 1 of the namespace): a KeyboardInterrupt there would fail or desync
+    the tests."""
+    box = box[0] if mode == "namespaces" else rlimits_box()
+    monkeypatch.setattr(sandbox, "_current", box)
+    code = "import os, signal, time\ndef add(a, b):\n    os.kill(os.getppid(), signal.SIGINT)\n    time.sleep(0.01)\n"
+    code += "    return a + b\n"
+    assert code_tests_reward(None, [fenced(code), fenced(code + "import os\nassert os.getppid() == 1\n")],
+                             test=[TEST] * 2, entry_point=["add"] * 2) == [1.0, 1.0 if mode == "namespaces" else 0.0]  # fmt: skip
+
+
+def test_a_result_holds_its_output_as_bytes_and_little_of_stderr(box):
+    """4 MiB of invalid UTF-8 on each stream would decode to 16 MiB of text: a result keeps the bytes of stdout and
+    the first STDERR_KEPT of stderr, and decodes them when read."""
+    box, _ = box
+    n = LIMITS.file_bytes
+    result = box.run(
+        Program(f"import sys\nsys.stdout.buffer.write(b'\\xff' * {n})\nsys.stderr.buffer.write(b'\\xff' * {n})\n")
+    )
+    assert result.returncode == 0, result.stderr[:200]
+    held = sum(sys.getsizeof(getattr(result, f.name)) for f in dataclasses.fields(result))
+    assert held < n + (64 << 10) + 4096
+    assert result.stdout == "\ufffd" * n and result.stderr == "\ufffd" * (64 << 10) == "\ufffd" * sandbox.STDERR_KEPT

@@ -66,11 +66,12 @@ def _code_row(row: dict, q: str, a: str) -> dict:
         task = next((row[k] for k in ("prompt", "text", "instruction") if isinstance(row.get(k), str)), None)
         if humaneval:
             row[q] = HUMANEVAL_TASK.format(code=prompt.strip())
-            row.setdefault("setup", prompt)
         elif task and asserts and isinstance(asserts, list):
             row[q] = MBPP_TASK.format(task=task.strip(), test=asserts[0])
         else:
             row[q] = task
+    if humaneval:  # whatever the question column: the tests may call the prompt's helpers
+        row.setdefault("setup", prompt)
     if asserts:  # MBPP's setup code or imports (sanitized) run first
         row["setup"] = row.get("setup") or row.get("test_setup_code") or "\n".join(row.get("test_imports") or [])
     if a not in row:
