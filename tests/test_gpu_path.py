@@ -250,7 +250,9 @@ def test_gpu_trainer_is_unsloths_untouched_and_cpu_override_matches_trl():
     from grpo_cli.trainer import trainer_class
 
     gpu = trainer_class(resolve(Settings(), gpu_machine()))  # Unsloth's, with only a finite-loss check
-    assert gpu.__bases__ == (trl.GRPOTrainer,)
+    from grpo_cli.batch import BatchBuilder
+
+    assert gpu.__bases__ == (BatchBuilder, trl.GRPOTrainer)  # the batch (curriculum, dynamic sampling) where asked
     # the finite-loss check, and __init__ only to give server mode its out-of-place weight sync
     assert {name for name, value in vars(gpu).items() if callable(value)} == {"compute_loss", "__init__"}
     cpu = trainer_class(resolve(Settings(), Machine()))
