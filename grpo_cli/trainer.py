@@ -75,9 +75,8 @@ def trainer_class(plan: Plan):
     """TRL's GRPOTrainer (Unsloth's, once unsloth has patched it on a GPU), with a check that the loss is finite,
     the batch built as grpo_cli/batch.py says (curriculum, dynamic sampling) and, in server mode, a weight sync
     that leaves the base as it loaded; otherwise used as it is on a GPU. Where the plan has the CPU speed paths, its
-    transformers generation runs
-    with the LoRA folded into the weights and faster sampling, and its log-prob forward computes each prompt once
-    for its group."""
+    transformers generation runs with the LoRA folded into the weights and faster sampling, and its log-prob
+    forward computes each prompt once for its group."""
     import torch
     from trl import GRPOTrainer
 
@@ -135,7 +134,7 @@ def trainer_class(plan: Plan):
 
 def sync_out_of_place(generation) -> None:
     """TRL's weight sync to a vLLM server (``VLLMGeneration._iter_named_params``), with each adapted weight sent as
-    ``W + delta`` computed out of place, in fp32 and rounded once, as Unsloth syncs its own vLLM. TRL merges the
+    ``W + delta`` computed out of place, added in fp32 and rounded once, as Unsloth syncs its own vLLM. TRL merges the
     adapter into the live 16-bit base and unmerges it again (PEFT's merge_adapter/unmerge_adapter, in the base
     dtype): the frozen base would drift by rounding at every sync. TRL's own walk stays (its gathering under
     ZeRO-3 and FSDP, its names); only the merge is replaced."""
