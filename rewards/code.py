@@ -136,10 +136,19 @@ def code_tests_reward(prompts, completions, **kwargs) -> list[float]:
     programs = []
     for i, (completion, row) in enumerate(zip(completions, rows)):
         name = row.get("entry_point") if row.get("test") else called_function(row.get("test_list") or [])
-        programs.append(_test_program(completion_code(completion, name), row, i))
+        program = _test_program(completion_code(completion, name), row, i)
+        # asserts that call builtins alone (a task whose function is named `pow`, say) would be answered by the
+        # judge's own builtins, whatever the code: such a row cannot be judged, and scores 0
+        programs.append(program if program.test is not None or name is not None else None)
     _count_blocks(completions, code_tests_reward.counts)
+    code_tests_reward.counts["unjudgeable"] += programs.count(None)
+    results = iter(_run([p for p in programs if p is not None], code_tests_reward.counts))
     scores = []
-    for program, result in zip(programs, _run(programs, code_tests_reward.counts)):
+    for program in programs:
+        if program is None:
+            scores.append(0.0)
+            continue
+        result = next(results)
         if program.test is not None:
             scores.append(1.0 if result.passed else 0.0)
         else:

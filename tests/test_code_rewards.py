@@ -396,3 +396,18 @@ def test_mbpp_names_the_solution_imported_and_objects_it_made(sandboxed):
         + "class Pair:\n    def __init__(self, a, b):\n        pass\n    def __eq__(self, other):\n        return True\n"
     )
     assert code_tests_reward(None, [code, truthy], test_list=[asserts] * 2) == [1.0, 0.5]
+
+
+def test_asserts_that_call_only_builtins_cannot_be_judged_and_score_0():
+    """A task whose function shadows a builtin (`pow`, `round`): the judge's own builtin would answer its asserts,
+    so any code would pass. Such a row scores 0, counted, whatever the completion."""
+    from rewards.code import code_tests_reward
+
+    before = code_tests_reward.counts["unjudgeable"]
+    completions = ["```python\nx = 1\n```", "```python\ndef pow(a, b):\n    return 99\n```"]
+    scores = code_tests_reward(None, completions, test_list=[["assert pow(2, 3) == 8"]] * 2)
+    assert scores == [0.0, 0.0] and code_tests_reward.counts["unjudgeable"] == before + 2
+    honest = code_tests_reward(
+        None, ["```python\ndef cube(a):\n    return a ** 3\n```"], test_list=[["assert cube(2) == 8"]]
+    )
+    assert honest == [1.0]
