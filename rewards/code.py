@@ -141,7 +141,8 @@ def code_tests_reward(prompts, completions, **kwargs) -> list[float]:
         # judge's own builtins, whatever the code: such a row cannot be judged, and scores 0
         programs.append(program if program.test is not None or name is not None else None)
     _count_blocks(completions, code_tests_reward.counts)
-    code_tests_reward.counts["unjudgeable"] += programs.count(None)
+    if None in programs:
+        code_tests_reward.counts["unjudgeable"] += programs.count(None)
     results = iter(_run([p for p in programs if p is not None], code_tests_reward.counts))
     scores = []
     for program in programs:
