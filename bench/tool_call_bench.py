@@ -11,25 +11,20 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grpo_cli import tools  # noqa: E402
 from grpo_cli.config import DataSettings  # noqa: E402
+from grpo_cli.cpu import best_time  # noqa: E402
 
 TOOL = 'def add(a: int, b: int) -> int:\n    """Add.\n\n    Args:\n        a: One.\n        b: Two.\n    """\n    return a + b\n'
 
 
-def best(call, repeats: int = 10) -> float:
-    call()
-    fastest = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        fastest = min(fastest, time.perf_counter() - start)
-    return fastest * 1000
+def best(call) -> float:
+    """Milliseconds, the best of 10 after one to warm up."""
+    return best_time(call, repeats=10) * 1000
 
 
 def fork_the_run() -> None:

@@ -259,13 +259,31 @@ def test_the_seed_reaches_unsloths_loader_and_lora_but_not_its_vllm_engine(fake_
     ]
 
 
+class Loaded(Exception):
+    """Raised where the model would load: what it was asked for is recorded by then."""
+
+
+def stop_at_load(monkeypatch, machine: Machine) -> list:
+    """On ``machine``, ``models.load_model`` records (settings, plan) and stops with Loaded."""
+    from grpo_cli import models
+
+    asked = []
+
+    def load_model(settings, plan):
+        asked.append((settings, plan))
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: machine))
+    return asked
+
+
 # (e) infer and eval load the context the adapter trained with
 
 
 def test_infer_loads_the_context_the_run_trained_with(monkeypatch, tmp_path):
     import json
 
-    from grpo_cli import models
     from grpo_cli.generate import Pair
     from tests.fakes import adapter_dir
 
@@ -273,41 +291,22 @@ def test_infer_loads_the_context_the_run_trained_with(monkeypatch, tmp_path):
     manifest = json.loads((adapter / "grpo.json").read_text())
     manifest["settings"]["model"] |= {"max_seq_length": 4096, "random_state": 9}
     (adapter / "grpo.json").write_text(json.dumps(manifest))
-    asked = []
-
-    class Loaded(Exception):
-        pass
-
-    def load_model(settings, plan):
-        asked.append(settings)
-        raise Loaded
-
-    monkeypatch.setattr(models, "load_model", load_model)
-    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: Machine()))
+    asked = stop_at_load(monkeypatch, Machine())
     with pytest.raises(Loaded):
         Pair(None, adapter)
-    assert asked[0].max_seq_length == 4096 and asked[0].random_state == 9
+    ((settings, _),) = asked
+    assert settings.max_seq_length == 4096 and settings.random_state == 9
 
 
 @pytest.mark.parametrize("changes, weights", [({"vllm_server": "http://localhost:8000"}, "bf16"), ({}, "4bit")])
 def test_the_dry_run_samples_the_base_the_run_trains(monkeypatch, changes, weights):
     """A server run (and FSDP2) trains a 16-bit base: its dry run samples that base, not the 4-bit one infer loads."""
-    from grpo_cli import models
     from grpo_cli.config import load_settings
     from grpo_cli.evaluate import reward_check
 
-    asked = []
-
-    class Loaded(Exception):
-        pass
-
-    def load_model(settings, plan):
-        asked.append(plan)
-        raise Loaded
-
-    monkeypatch.setattr(models, "load_model", load_model)
-    monkeypatch.setattr(Machine, "here", classmethod(lambda cls: gpu_machine()))
+    asked = stop_at_load(monkeypatch, gpu_machine())
     settings = load_settings(None, {"model": "qwen2.5-1.5b", **changes}, announce=False)
     with pytest.raises(Loaded):
         reward_check(settings)
-    assert asked[0].weights == weights
+    ((_, plan),) = asked
+    assert plan.weights == weights
