@@ -148,7 +148,10 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
     """A callback that scores the adapter being trained on held-out prompts, greedy, with the run's system prompt,
     in the engine training generates with and, with tools, through the same tool loop: before step 1, then every
     ``eval_steps`` steps. Its accuracy, format rate, mean length, tool use and cost go into that step's log
-    (metrics, step line, loggers, plot)."""
+    (metrics, step line, loggers, plot). A curriculum that follows the held-out accuracy (``follow: held_out``)
+    reads it on the same items generated again at its current level (``eval_level_accuracy``, scored in the same
+    pass), while ``eval_accuracy`` stays on the items as loaded, so that the curve compares across levels; every
+    process's curriculum reads the main process's figure."""
     from rich.console import Console
     from transformers import TrainerCallback
 
@@ -163,9 +166,18 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
         pending = None
         scratch = None  # where Unsloth's vLLM engine writes the live adapter's config: never the working directory
 
+        def following(self):
+            """The run's curriculum where it follows the held-out accuracy, else None."""
+            curriculum = getattr(self.trainer, "curriculum", None)
+            return curriculum if curriculum is not None and curriculum.follows == "held_out" else None
+
         def evaluate(self) -> dict:
             started = time.time()
             model = self.trainer.model
+            curriculum = self.following()
+            # the items at the curriculum's level, where it has moved from the start: scored in the same pass
+            at_level = curriculum.stage(examples) if curriculum and curriculum.level != curriculum.start else []
+            rows = examples + at_level
             self.scratch = self.scratch or Path(tempfile.mkdtemp(prefix="grpo-live-"))
             generator = engine_for(plan)(model, tokenizer, None, plan)
             generator.follow(self.scratch)
@@ -173,7 +185,7 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
             try:
                 completions = converse(
                     lambda texts, sampling: generator.generate(texts, sampling, adapter=True),
-                    tokenizer, [e["prompt"] for e in examples], greedy, toolset, examples,
+                    tokenizer, [e["prompt"] for e in rows], greedy, toolset, rows,
                 )  # fmt: skip
             finally:
                 generator.rest()
@@ -181,22 +193,47 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
                 # only its for_training turns it on again; TRL logs a step's metrics as training ones only while
                 # the model is in training mode
                 model.for_training() if plan.unsloth else model.train()
-            summary = summarize(score(completions, examples, [], tokenizer), toolset is not None)
-            return {f"eval_{k}": v for k, v in summary.items()} | {"eval_seconds": time.time() - started}
+            tools = toolset is not None
+            summary = summarize(score(completions[: len(examples)], examples, [], tokenizer), tools)
+            metrics = {f"eval_{k}": v for k, v in summary.items()}
+            if curriculum is not None:
+                level = (
+                    summarize(score(completions[len(examples) :], at_level, [], tokenizer), tools)
+                    if at_level
+                    else summary
+                )
+                metrics |= {"eval_level": float(curriculum.level), "eval_level_accuracy": level["accuracy"]}
+            return metrics | {"eval_seconds": time.time() - started}
+
+        def follow(self, metrics: dict | None) -> None:
+            """On every process: the curriculum reads the main process's held-out accuracy at its level."""
+            curriculum = self.following()
+            if curriculum is None:
+                return
+            reading = dist.from_main(metrics and (int(metrics["eval_level"]), metrics["eval_level_accuracy"]))
+            moved = curriculum.held_out(reading[1], reading[0])
+            if moved and dist.is_main():
+                print(moved, flush=True)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.scratch is not None:
                 shutil.rmtree(self.scratch, ignore_errors=True)
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step == 0 and state.is_world_process_zero:  # the others wait for it at the next step
+            if state.global_step != 0:
+                return
+            metrics = None
+            if state.is_world_process_zero:  # the others wait for it at the next step
                 metrics = self.evaluate()
                 report.append_metrics(output_dir, {"step": 0, **metrics})
                 Console(highlight=False).print(f"step 0/{state.max_steps} | {eval_line(metrics)}")
+            self.follow(metrics)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % every == 0 and state.is_world_process_zero:
-                self.pending = self.evaluate()
+            if state.global_step % every == 0:
+                if state.is_world_process_zero:
+                    self.pending = self.evaluate()
+                self.follow(self.pending)  # before the step's checkpoint, which saves the level
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.pending and logs is not None and "reward" in logs:
@@ -246,7 +283,8 @@ def sampling_part(logs: dict) -> str | None:
 
 def eval_line(logs: dict) -> str:
     tools = tool_part(logs, "eval_tool_calls_per_completion", "eval_tool_failure_rate")
+    level = f" (level {logs['eval_level']:g}: {logs['eval_level_accuracy']:.1%})" if "eval_level" in logs else ""
     return (
-        f"eval accuracy {logs['eval_accuracy']:.1%} format {logs['eval_format_rate']:.1%} "
+        f"eval accuracy {logs['eval_accuracy']:.1%}{level} format {logs['eval_format_rate']:.1%} "
         f"length {logs['eval_mean_length']:.1f}{f' {tools}' if tools else ''} ({logs['eval_seconds']:.0f}s)"
     )

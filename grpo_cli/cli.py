@@ -332,6 +332,15 @@ def infer(
 @app.command("eval")
 def evaluate(
     lora: Annotated[Path | None, typer.Option(help="Adapter directory; without it only the base is scored.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="A training recipe: its data set (a reasoning-gym task's task_settings and difficulty), system "
+            "prompt, rewards and lengths, instead of the adapter's.",
+        ),
+    ] = None,
     dataset: Annotated[str | None, typer.Option(help="arithmetic (its held-out split), gsm8k, or a data file.")] = None,
     split: Annotated[str, typer.Option(help="The split to score.")] = "test",
     dataset_config: Annotated[str | None, typer.Option(help="A hub data set's configuration.")] = None,
@@ -355,17 +364,15 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    from grpo_cli.adapter import find_adapter
     from grpo_cli.config import DataSettings
     from grpo_cli.data import TASK_COLUMN, code_columns, load_examples
     from grpo_cli.evaluate import COLUMNS, check_output_dir, flipped
     from grpo_cli.evaluate import evaluate as run
     from grpo_cli.generate import Pair, Sampling
 
-    # Before any model loads: the output folder, the adapter and the data
+    # Before any model loads: the output folder, the adapter or recipe, and the data
     check_output_dir(output_dir, overwrite)
-    manifest = find_adapter(lora)[1] if lora else {}
-    trained = manifest.get("settings", {})
+    manifest, trained = scored_as(lora, config)
     data = DataSettings(
         dataset=dataset or trained.get("data", {}).get("dataset", "arithmetic"),
         split=split,
@@ -381,7 +388,7 @@ def evaluate(
     first = load_examples(data)[0]
     code = bool(code_columns(first))
     toolset = offered_tools(tool, lora)
-    pair = Pair(model, lora, toolset=toolset)
+    pair = Pair(model or (None if lora else trained.get("model", {}).get("model")), lora, toolset=toolset)
     print(pair.plan.line())
     default = ["code_tests"] if code else ["task_score"] if TASK_COLUMN in first else ["numeric_correctness"]
     rewards = reward or manifest.get("rewards") or default
@@ -416,6 +423,20 @@ def evaluate(
                     highlight=False,
                 )
     console.print(f"Per-prompt results: {output_dir}/eval.json, {output_dir}/eval.csv")
+
+
+def scored_as(lora: Path | None, config: Path | None) -> tuple[dict, dict]:
+    """What eval scores with where its flags leave it, as (a manifest: system prompt and rewards; a run's settings):
+    the adapter's, or with ``config`` a training recipe's, read and checked as `grpo train` reads it, so that the base
+    model alone can be scored on a reasoning-gym task's settings and difficulty."""
+    from grpo_cli.adapter import find_adapter
+    from grpo_cli.config import load_settings
+
+    manifest = find_adapter(lora)[1] if lora else {}
+    if config is None:
+        return manifest, manifest.get("settings", {})
+    recipe = load_settings(str(config), announce=False)
+    return manifest | {"system_prompt": recipe.data.system_prompt, "rewards": recipe.data.rewards}, recipe.to_dict()
 
 
 def task_as_trained(dataset: str | None, trained: dict) -> dict:

@@ -414,7 +414,7 @@ def validate(s: Settings) -> None:
     if d.curriculum:
         from grpo_cli.curriculum import check_curriculum
 
-        check_curriculum(d, d.rewards)
+        check_curriculum(d, d.rewards, t)
     if (d.task_settings or d.difficulty is not None) and not d.dataset.startswith("reasoning-gym:"):
         raise GrpoError(
             f"task_settings and difficulty are a reasoning-gym task's: {d.dataset} is none, use --dataset reasoning-gym:TASK"

@@ -1,24 +1,31 @@
-"""Difficulty that follows the model: a reasoning-gym task's level, moved by what the training batches say. The
-levels are reasoning-gym's own curriculum for the task (its attributes, e.g. chain_sum's number of terms and digits);
-the level goes up when the task's mean score over the last ``window`` batches reaches ``raise_at``, and down when the
-share of groups in which every completion failed reaches ``lower_at`` (zero spread because the task is too hard).
-After a move the window starts again. Each batch's prompts are the rows the sampler picked, generated again at the
-current level (the same item index, the same seed): the order of prompts never depends on the level."""
+"""Difficulty that follows the model: a reasoning-gym task's level, moved by how the model does at it. The levels
+are reasoning-gym's own curriculum for the task (its attributes, e.g. chain_sum's number of terms and digits). The
+level goes up when what the curriculum follows reaches ``raise_at``: the task's mean score over the last ``window``
+batches, or (``follow: held_out``) the accuracy of the latest held-out evaluation on the held-out items generated
+again at the current level, so that a reading means the same at every level. It goes down when the share of groups
+in which every completion failed over the last ``window`` batches reaches ``lower_at`` (zero spread because the task
+is too hard). After a move the window starts again. Each batch's prompts are the rows the sampler picked, generated
+again at the current level (the same item index, the same seed): the order of prompts never depends on the level."""
 
 import collections
 import dataclasses
 import json
 
-from grpo_cli.config import DataSettings
+from grpo_cli.config import DataSettings, TrainSettings
 from grpo_cli.errors import GrpoError
 
-CURRICULUM = {"raise_at": 0.8, "lower_at": 0.75, "window": 2}  # the keys of the recipe's `curriculum`, their defaults
+CURRICULUM = {"raise_at": 0.8, "lower_at": 0.75, "window": 2, "follow": "batch"}  # the recipe's keys, their defaults
+FOLLOW = {
+    "batch": "the mean task score of the last `window` training batches",
+    "held_out": "the accuracy of the latest held-out evaluation, on its items generated at the current level",
+}  # what raises the level
 REWARD = "task_score"  # the task's own score, which the curriculum reads
 STATE = "curriculum.json"  # in each checkpoint: the level and the window, for resume
 
 
-def check_curriculum(data: DataSettings, rewards: list[str] | None = None) -> dict:
-    """The recipe's curriculum with its defaults, checked before any model loads."""
+def check_curriculum(data: DataSettings, rewards: list[str] | None = None, train: TrainSettings | None = None) -> dict:
+    """The recipe's curriculum with its defaults, checked before any model loads (with ``train``: that the held-out
+    evaluation it may follow runs)."""
     from grpo_cli.data.tasks import PREFIX, levels, task_name
 
     given = data.curriculum if isinstance(data.curriculum, dict) else {}
@@ -34,6 +41,8 @@ def check_curriculum(data: DataSettings, rewards: list[str] | None = None) -> di
             raise GrpoError(f"curriculum: {key} must be a share in (0, 1], got {value!r}")
     if isinstance(settings["window"], bool) or not isinstance(settings["window"], int) or settings["window"] < 1:
         raise GrpoError(f"curriculum: window must be a positive number of batches, got {settings['window']!r}")
+    if settings["follow"] not in FOLLOW:
+        raise GrpoError(f"curriculum: follow must be {' or '.join(FOLLOW)}, got {settings['follow']!r}")
     if not data.dataset.startswith(PREFIX + ":"):
         raise GrpoError(f"curriculum: it moves a reasoning-gym task's level; {data.dataset} is no reasoning-gym:TASK")
     name = task_name(data.dataset)
@@ -41,6 +50,17 @@ def check_curriculum(data: DataSettings, rewards: list[str] | None = None) -> di
         raise GrpoError(f"curriculum: reasoning-gym has no curriculum for {name}: drop curriculum")
     if rewards is not None and REWARD not in {r.split(":")[0] for r in rewards}:
         raise GrpoError(f"curriculum: it follows the task's own score: add the {REWARD} reward")
+    if train is not None and settings["follow"] == "held_out":
+        if not train.eval_steps:
+            raise GrpoError(
+                "curriculum: follow held_out reads the held-out evaluation, which is off: set eval_steps (e.g. "
+                "eval_steps: 10), or follow batch"
+            )
+        if data.eval_dataset not in (None, data.dataset):
+            raise GrpoError(
+                f"curriculum: follow held_out reads {data.dataset}'s own held-out items at each level, not "
+                f"{data.eval_dataset}: drop eval_dataset, or follow batch"
+            )
     return settings
 
 
@@ -55,6 +75,7 @@ class Curriculum:
         self.name = task_name(data.dataset)
         self.top = levels(self.name) - 1
         self.level = self.start = data.difficulty or 0
+        self.follows = self.settings["follow"]
         self.scores: collections.deque = collections.deque(maxlen=self.settings["window"])
         self.failed: collections.deque = collections.deque(maxlen=self.settings["window"])
         self._configs: dict[int, dict] = {}
@@ -98,11 +119,23 @@ class Curriculum:
             return None
         mean, failed = sum(self.scores) / len(self.scores), sum(self.failed) / len(self.failed)
         window = f"over the last {len(self.scores)} batches"
-        if mean >= self.settings["raise_at"] and self.level < self.top:
+        if self.follows == "batch" and mean >= self.settings["raise_at"] and self.level < self.top:
             return self._move(+1, f"mean task score {mean:.2f} {window} reached {self.settings['raise_at']:g}")
         if failed >= self.settings["lower_at"] and self.level > 0:
             why = f"{failed:.0%} of groups failed every completion {window} (lower_at {self.settings['lower_at']:g})"
             return self._move(-1, why)
+        return None
+
+    def held_out(self, accuracy: float, level: int) -> str | None:
+        """A held-out evaluation's accuracy on its items generated at ``level`` (``follow: held_out``): the level
+        goes up when it reaches ``raise_at``; returns a line saying why, or None. A reading at another level than
+        the current one says nothing about it and is left alone."""
+        if self.follows != "held_out" or level != self.level:
+            return None
+        if accuracy >= self.settings["raise_at"] and self.level < self.top:
+            return self._move(
+                +1, f"held-out accuracy {accuracy:.2f} at level {level} reached {self.settings['raise_at']:g}"
+            )
         return None
 
     def _move(self, by: int, why: str) -> str:

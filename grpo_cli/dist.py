@@ -150,6 +150,19 @@ def any_process(flag: bool) -> bool:
     return bool(value.item())
 
 
+def from_main(value):
+    """The main process's ``value``, on every process (what the others pass is not read): a figure only the main
+    process measured, such as the held-out evaluation's, read alike everywhere."""
+    if world_size() == 1:
+        return value
+    import torch.distributed
+    from accelerate import PartialState
+
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0, device=PartialState().device)
+    return box[0]
+
+
 def check_batch(per_device: int, grad_accum: int, generations: int, processes: int | None = None) -> None:
     """TRL generates per_device x processes x grad_accum completions at a time, in whole groups of G.
 

@@ -56,3 +56,50 @@ def test_eval_refuses_to_overwrite_results(write_jsonl, tmp_path):
     with pytest.raises(GrpoError, match="pass --overwrite"):
         evaluate(FakePair(["1"]), data, Sampling(), ["numeric_correctness"], tmp_path / "eval")
     assert (tmp_path / "eval" / "eval.json").read_text() == "{}"
+
+
+def test_a_recipe_gives_eval_a_tasks_settings_and_difficulty_without_an_adapter(tmp_path):
+    from grpo_cli.cli import scored_as, task_as_trained
+    from grpo_cli.data import load_examples
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "dataset: reasoning-gym:chain_sum\ndifficulty: 3\ntask_settings: {seed: 5}\nsystem_prompt: S\n"
+        "rewards: [answer_tag, task_score:2]\nmax_completion_length: 24\n"
+    )
+    manifest, trained = scored_as(None, recipe)
+    assert manifest == {"system_prompt": "S", "rewards": ["answer_tag", "task_score:2"]}
+    assert trained["train"]["max_completion_length"] == 24 and trained["model"]["model"] == "smollm2-135m"
+    task = task_as_trained("reasoning-gym:chain_sum", trained["data"])
+    assert task == {"task_settings": {"seed": 5}, "difficulty": 3}
+    test = DataSettings(dataset="reasoning-gym:chain_sum", split="test", system_prompt="S", limit=3, **task)
+    as_loaded = DataSettings(dataset="reasoning-gym:chain_sum", split="test", system_prompt="S", limit=3)
+    assert load_examples(test) != load_examples(as_loaded)  # level 3 of seed 5, not reasoning-gym's defaults
+
+    from tests.fakes import adapter_dir
+
+    adapter = adapter_dir(tmp_path / "adapter")
+    manifest, trained = scored_as(adapter, recipe)  # the recipe named on the command line, over the adapter's
+    assert manifest["system_prompt"] == "S" and trained["data"]["difficulty"] == 3
+
+
+@pytest.mark.parametrize(
+    "recipe, message",
+    [
+        ("difficulty: 99\n", "difficulty 99: chain_sum's curriculum has levels 0 to"),
+        ("task_settings: {digits: 2}\n", "chain_sum has no setting 'digits'"),
+        ("curriculum: {raise_at: 2}\n", "curriculum: raise_at must be a share in"),
+    ],
+)
+def test_a_bad_recipe_for_eval_is_one_line_before_any_model_loads(tmp_path, recipe, message):
+    import subprocess
+    import sys
+
+    (tmp_path / "recipe.yaml").write_text(f"dataset: reasoning-gym:chain_sum\nrewards: [task_score]\n{recipe}")
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo_cli", "eval", "--config", str(tmp_path / "recipe.yaml"), "--output-dir",
+         str(tmp_path / "eval")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Plan:" not in result.stdout  # refused before the model loaded
