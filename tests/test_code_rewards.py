@@ -85,11 +85,12 @@ def test_humaneval_is_for_evaluation_only():
         load_examples(DataSettings(dataset="humaneval", split="train"))
 
 
-@pytest.mark.parametrize("name", ["functions", "two-step-functions"])
+@pytest.mark.parametrize("name", ["functions", "two-step-functions", "harder-functions"])
 def test_function_tasks_are_seeded_disjoint_and_their_references_pass(sandboxed, name):
-    two_step = name == "two-step-functions"
-    train, test = function_tasks("train", two_step=two_step), function_tasks("test", two_step=two_step)
-    assert function_tasks("test", two_step=two_step) == test and len(test) == 100 and len(train) > 200
+    kind = {"two_step": name == "two-step-functions", "harder": name == "harder-functions"}
+    train, test = function_tasks("train", **kind), function_tasks("test", **kind)
+    assert function_tasks("test", **kind) == test and len(test) == 100 and len(train) > (80 if kind["harder"] else 200)
+    assert function_tasks("test", seed=1, **kind) != test
     assert not {t["question"] for t in train} & {t["question"] for t in test}
     examples = load_examples(DataSettings(dataset=name, split="test", system_prompt=CODE_SYSTEM_PROMPT))
     assert examples[0]["prompt"][0] == {"role": "system", "content": CODE_SYSTEM_PROMPT}

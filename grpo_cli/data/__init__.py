@@ -9,7 +9,16 @@ from grpo_cli.config import DataSettings
 from grpo_cli.data import files, tasks
 from grpo_cli.data.code import CODE_COLUMNS, CODE_SYSTEM_PROMPT, _code_row, code_columns, humaneval_rows
 from grpo_cli.data.files import _kind
-from grpo_cli.data.generated import BIG, FUNCTIONS, GENERATED, HELD_OUT, TWO_STEP, arithmetic_problems, function_tasks
+from grpo_cli.data.generated import (
+    BIG,
+    FUNCTIONS,
+    GENERATED,
+    HARDER,
+    HELD_OUT,
+    TWO_STEP,
+    arithmetic_problems,
+    function_tasks,
+)
 from grpo_cli.data.tasks import TASK_COLUMN
 from grpo_cli.errors import GrpoError
 
@@ -25,6 +34,7 @@ SOURCES: dict[str, Callable[[DataSettings], list[dict]]] = {
     BIG: lambda s: arithmetic_problems(s.split, big=True),
     FUNCTIONS: lambda s: function_tasks(s.split),
     TWO_STEP: lambda s: function_tasks(s.split, two_step=True),
+    HARDER: lambda s: function_tasks(s.split, harder=True),
     "humaneval": lambda s: humaneval_rows(s.split),
     tasks.PREFIX: tasks.rows,
 }

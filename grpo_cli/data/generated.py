@@ -101,7 +101,63 @@ def _function_task(rng: random.Random) -> dict:
     names, args, does, body, make = rng.choice(_FUNCTIONS)
     k, c = rng.randint(2, 20), rng.choice("abcdeilmnorst")
     name, does, body = (text.format(k=k, c=c) for text in (rng.choice(names), does, body))
-    source = f"def {name}({args}):\n    return {body}\n"
+    return _task(name, args, does, f"def {name}({args}):\n    return {body}\n", make, rng)
+
+
+HARDER = "harder-functions"
+
+
+def _odd_list(rng: random.Random) -> list:
+    return [_ints(rng, rng.choice([3, 5, 7]))]
+
+
+def _sentence(rng: random.Random) -> list:
+    return [" ".join(_words(rng) for _ in range(rng.randint(2, 5)))]
+
+
+# Less familiar one-step operations, chosen where the embedded model's greedy answer is often wrong but one of 8
+# samples often right (a wrong operator, the function renamed): (names, argument names, what it returns, body,
+# arguments of a test case, the range of {k}); {a} is the argument
+_HARDER = [
+    (["middle", "middle_item", "center"], ["items", "values", "xs"], "the middle item of the list {a}, which has an odd "
+     "length", "{a}[len({a}) // 2]", _odd_list, None),
+    (["sum_even", "even_total", "add_evens"], ["numbers", "nums", "values"], "the sum of the even numbers in the list {a}",
+     "sum(x for x in {a} if x % 2 == 0)", lambda r: [_ints(r, r.randint(4, 7))], None),
+    (["num_digits", "count_digits", "digit_count"], ["n", "number", "num"], "how many digits the non-negative integer {a} "
+     "has", "len(str({a}))", lambda r: [r.randint(0, 99999)], None),
+    (["count_even", "how_many_even", "evens"], ["numbers", "nums", "values"], "how many even numbers are in the list {a}",
+     "sum(1 for x in {a} if x % 2 == 0)", lambda r: [_ints(r, r.randint(4, 7))], None),
+    (["floor_div_{k}", "int_div_{k}"], ["x", "n", "value"], "{a} divided by {k}, rounded down to a whole number", "{a} // {k}",
+     _number, (2, 9)),
+    (["count_words", "word_count", "words"], ["s", "text", "sentence"], "how many words are in the string {a} (words are "
+     "separated by spaces)", "len({a}.split())", _sentence, None),
+    (["count_negative", "negatives", "how_many_negative"], ["numbers", "nums", "values"], "how many numbers in the list {a} "
+     "are negative", "sum(1 for x in {a} if x < 0)", lambda r: [_ints(r, r.randint(4, 7))], None),
+    (["last_{k}", "last_{k}_items", "tail_{k}"], ["items", "values", "xs"], "the last {k} items of the list {a}",
+     "{a}[-{k}:]", lambda r: [_ints(r, r.randint(6, 8))], (2, 5)),
+    (["positives", "keep_positive", "only_positive"], ["numbers", "nums", "values"], "the list of the numbers in {a} that "
+     "are greater than 0", "[x for x in {a} if x > 0]", lambda r: [_ints(r, r.randint(4, 7))], None),
+    (["count_vowels", "vowels", "vowel_count"], ["s", "word", "text"], "how many vowels (a, e, i, o, u) are in the string "
+     "{a}", "sum(ch in 'aeiou' for ch in {a})", lambda r: [_words(r)], None),
+    (["digit_sum", "sum_digits", "add_digits"], ["n", "number", "num"], "the sum of the digits of the non-negative integer "
+     "{a}", "sum(int(d) for d in str({a}))", lambda r: [r.randint(0, 99999)], None),
+    (["last_digit", "final_digit", "ones_digit"], ["n", "number", "num"], "the last digit of the non-negative integer {a}",
+     "{a} % 10", lambda r: [r.randint(0, 99999)], None),
+    (["sum_squares", "squares_total", "square_sum"], ["numbers", "nums", "values"], "the sum of the squares of the numbers in "
+     "the list {a}", "sum(x * x for x in {a})", lambda r: [_ints(r, r.randint(3, 6))], None),
+    (["sum_to", "triangle", "sum_up_to"], ["n", "m", "limit"], "the sum of the whole numbers from 1 to {a}",
+     "{a} * ({a} + 1) // 2", lambda r: [r.randint(1, 200)], None),
+]  # fmt: skip
+
+
+def _harder_task(rng: random.Random) -> dict:
+    names, args, does, body, make, bounds = rng.choice(_HARDER)
+    k, arg = rng.randint(*(bounds or (2, 9))), rng.choice(args)
+    name, does, body = (text.format(k=k, a=arg) for text in (rng.choice(names), does, body))
+    return _task(name, arg, does, f"def {name}({arg}):\n    return {body}\n", make, rng)
+
+
+def _task(name: str, args: str, does: str, source: str, make, rng: random.Random) -> dict:
     namespace = {}
     exec(source, namespace)  # our own reference solution, to compute the expected values
     cases = [make(rng) for _ in range(4)]
@@ -162,18 +218,23 @@ def _two_step_task(rng: random.Random) -> dict:
     }
 
 
-def function_tasks(split: str, count: int = 1000, seed: int = 0, two_step: bool = False) -> list[dict]:
+def function_tasks(
+    split: str, count: int = 1000, seed: int = 0, two_step: bool = False, harder: bool = False
+) -> list[dict]:
     """Seeded small function-writing tasks with HumanEval-style tests (``test``, ``entry_point``); ``test`` is
     disjoint from ``train`` (no task text in both). ``two_step``: each task chains two steps on one value, which
-    the embedded model gets right far less often.
+    the embedded model gets right far less often. ``harder``: one step, with less familiar operations (the middle
+    item, the sum of the digits, integer division...), which it gets right less than half the time.
 
     >>> task = function_tasks("test", 1)[0]
     >>> task["question"].startswith("Write a function ") and "def check(candidate)" in task["test"]
     True
     >>> function_tasks("test", two_step=True)[0]["entry_point"].count("_then_")
     1
+    >>> function_tasks("test", harder=True)[0]["question"]
+    'Write a function sum_to(m) that returns the sum of the whole numbers from 1 to m.'
     """
-    make = _two_step_task if two_step else _function_task
+    make = _two_step_task if two_step else _harder_task if harder else _function_task
     rng, seen, rows = random.Random(seed), set(), []
     wanted = FUNCTIONS_HELD_OUT if split == "test" else FUNCTIONS_HELD_OUT + count
     for _ in range(50 * wanted):  # the task texts are finite: stop when no new one comes
