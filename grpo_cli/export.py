@@ -160,11 +160,16 @@ def base_architecture(base_model: str) -> tuple[str | None, int]:
         arch = fields["general.architecture"].contents()
         experts = fields.get(f"{arch}.expert_count")
         return arch, int(experts.contents()) if experts is not None else 1
+    from grpo_cli.models import ALIASES
+
     config = Path(base_model).expanduser() / "config.json"
     if not config.is_file():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(base_model, "config.json")
+        try:
+            cached = try_to_load_from_cache(ALIASES.get(base_model, base_model), "config.json")
+        except ValueError:  # not a hub id either (a directory that is gone): the merge says so
+            return None, 1
         if not isinstance(cached, str):
             return None, 1
         config = Path(cached)
