@@ -41,7 +41,7 @@ def check_curriculum(data: DataSettings, rewards: list[str] | None = None, train
             raise GrpoError(f"curriculum: {key} must be a share in (0, 1], got {value!r}")
     if isinstance(settings["window"], bool) or not isinstance(settings["window"], int) or settings["window"] < 1:
         raise GrpoError(f"curriculum: window must be a positive number of batches, got {settings['window']!r}")
-    if settings["follow"] not in FOLLOW:
+    if not isinstance(settings["follow"], str) or settings["follow"] not in FOLLOW:  # a list or mapping: unhashable
         raise GrpoError(f"curriculum: follow must be {' or '.join(FOLLOW)}, got {settings['follow']!r}")
     if not data.dataset.startswith(PREFIX + ":"):
         raise GrpoError(f"curriculum: it moves a reasoning-gym task's level; {data.dataset} is no reasoning-gym:TASK")

@@ -127,6 +127,7 @@ def test_a_level_raised_on_the_held_out_accuracy_is_saved_and_resumed(tmp_path):
     "change, train, message",
     [
         ({"curriculum": {"follow": "heldout"}}, {"eval_steps": 5}, "follow must be batch or held_out, got 'heldout'"),
+        ({"curriculum": {"follow": ["held_out"]}}, {"eval_steps": 5}, r"follow must be batch or held_out, got \['held_out'\]"),
         ({"curriculum": {"follow": "held_out"}}, {}, "follow held_out reads the held-out evaluation, which is off"),
         ({"curriculum": {"follow": "held_out"}, "eval_dataset": "arithmetic"}, {"eval_steps": 5},
          "not arithmetic: drop eval_dataset, or follow batch"),
