@@ -444,7 +444,10 @@ def task_as_trained(dataset: str | None, trained: dict) -> dict:
     task (its held-out items, from their own seed)."""
     if dataset and dataset != trained.get("dataset"):
         return {}
-    return {"task_settings": trained.get("task_settings") or {}, "difficulty": trained.get("difficulty")}
+    difficulty = trained.get("difficulty")
+    if difficulty is None and trained.get("curriculum"):  # the curriculum's start, where its held-out items sat
+        difficulty = 0
+    return {"task_settings": trained.get("task_settings") or {}, "difficulty": difficulty}
 
 
 @app.command()

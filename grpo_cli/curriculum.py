@@ -26,7 +26,7 @@ STATE = "curriculum.json"  # in each checkpoint: the level and the window, for r
 def check_curriculum(data: DataSettings, rewards: list[str] | None = None, train: TrainSettings | None = None) -> dict:
     """The recipe's curriculum with its defaults, checked before any model loads (with ``train``: that the held-out
     evaluation it may follow runs)."""
-    from grpo_cli.data.tasks import PREFIX, levels, task_name
+    from grpo_cli.data.tasks import PREFIX, curriculum_fields, levels, task_config, task_name
 
     given = data.curriculum if isinstance(data.curriculum, dict) else {}
     if data.curriculum is not True and not isinstance(data.curriculum, dict):
@@ -48,6 +48,12 @@ def check_curriculum(data: DataSettings, rewards: list[str] | None = None, train
     name = task_name(data.dataset)
     if not levels(name):
         raise GrpoError(f"curriculum: reasoning-gym has no curriculum for {name}: drop curriculum")
+    own = {k: v for k, v in (data.task_settings or {}).items() if k not in ("seed", "size")}
+    clash = sorted(set(own) & curriculum_fields(name))
+    if clash:
+        raise GrpoError(f"curriculum: drop {clash[0]} from task_settings: the curriculum's levels set it")
+    for level in range(levels(name)):  # every level the curriculum may reach holds with the recipe's settings
+        task_config(name, own, level)
     if rewards is not None and REWARD not in {r.split(":")[0] for r in rewards}:
         raise GrpoError(f"curriculum: it follows the task's own score: add the {REWARD} reward")
     if train is not None and settings["follow"] == "held_out":
@@ -68,13 +74,13 @@ class Curriculum:
     """The level of one reasoning-gym task during training, and the rows at that level."""
 
     def __init__(self, data: DataSettings):
-        from grpo_cli.data.tasks import levels, task_name
+        from grpo_cli.data.tasks import levels, start_level, task_name
 
         self.data = data
         self.settings = check_curriculum(data)
         self.name = task_name(data.dataset)
         self.top = levels(self.name) - 1
-        self.level = self.start = data.difficulty or 0
+        self.level = self.start = start_level(data)
         self.follows = self.settings["follow"]
         self.scores: collections.deque = collections.deque(maxlen=self.settings["window"])
         self.failed: collections.deque = collections.deque(maxlen=self.settings["window"])

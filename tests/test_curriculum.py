@@ -73,12 +73,21 @@ def test_the_level_is_saved_with_a_checkpoint_and_resumed(tmp_path, capsys):
         ({"dataset": "arithmetic"}, "arithmetic is no reasoning-gym:TASK"),
         ({"dataset": "reasoning-gym:acre", "difficulty": None}, "no curriculum for acre"),
         ({"rewards": ["answer_tag"]}, "add the task_score reward"),
+        ({"difficulty": None, "task_settings": {"max_terms": 2, "max_digits": 1}},
+         "curriculum: drop max_digits from task_settings: the curriculum's levels set it"),
     ],
 )  # fmt: skip
 def test_bad_curriculum_settings_are_one_line(change, message):
     data = dataclasses.replace(CHAIN, **change)
     with pytest.raises(GrpoError, match=message):
         check_curriculum(data, data.rewards)
+
+
+def test_without_a_difficulty_the_items_load_at_the_curriculums_start():
+    data = dataclasses.replace(CHAIN, difficulty=None, task_settings={"size": 20})
+    start = load_examples(dataclasses.replace(data, curriculum=None, difficulty=0))
+    assert [r["task"] for r in load_examples(data)] == [r["task"] for r in start]  # level 0, not the task's default
+    assert Curriculum(data).start == 0
 
 
 def test_curriculum_true_takes_the_defaults():

@@ -81,6 +81,7 @@ def test_a_task_with_many_right_answers_keeps_an_empty_answer():
         ({"dataset": "reasoning-gym:acre", "difficulty": 1}, "no curriculum for acre"),
         ({"difficulty": 1, "task_settings": {"min_terms": 3}}, "min_terms is set by the difficulty level"),
         ({"task_settings": {"size": 0}}, "size must be a positive number of items"),
+        ({"task_settings": {"seed": "a"}}, "seed must be a whole number, got 'a'"),
         ({"split": "validation"}, "has the splits train and test, not 'validation'"),
     ],
 )  # fmt: skip

@@ -63,6 +63,14 @@ def levels(name: str) -> int:
     return max(len(attr.levels) for attr in factory.create_curriculum(name).attributes.values())
 
 
+def start_level(data) -> int | None:
+    """The level a run's task items load at: its ``difficulty``, or with a curriculum and none given the
+    curriculum's start, level 0 (not reasoning-gym's default settings, which sit at no level of it)."""
+    if data.difficulty is None and data.curriculum:
+        return 0
+    return data.difficulty
+
+
 def task_config(name: str, settings: dict, difficulty: int | None) -> dict:
     """The task's config fields as the recipe gives them: ``task_settings`` over reasoning-gym's defaults, and with a
     ``difficulty`` the fields the task's curriculum sets at that level. Checked by the task's own ``validate``; a
@@ -143,9 +151,11 @@ def rows(settings) -> list[dict]:
     name = task_name(settings.dataset)
     given = dict(settings.task_settings or {})
     seed, size = given.pop("seed", 0) or 0, given.pop("size", DEFAULT_SIZE)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise GrpoError(f"task_settings: seed must be a whole number, got {seed!r}")
     if not isinstance(size, int) or size <= 0:
         raise GrpoError(f"task_settings: size must be a positive number of items, got {size!r}")
-    config = task_config(name, given, settings.difficulty)
+    config = task_config(name, given, start_level(settings))
     if settings.split not in ("train", "test"):
         raise GrpoError(f"{settings.dataset} has the splits train and test, not {settings.split!r}")
     held_out = _items(name, config, seed + TEST_SEED, HELD_OUT)
