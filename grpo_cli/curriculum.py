@@ -20,6 +20,7 @@ FOLLOW = {
     "held_out": "the accuracy of the latest held-out evaluation, on its items generated at the current level",
 }  # what raises the level
 REWARD = "task_score"  # the task's own score, which the curriculum reads
+LOOKAHEAD = 1000  # items a training row looks on for one that no held-out item asks
 STATE = "curriculum.json"  # in each checkpoint: the level and the window, for resume
 
 
@@ -85,6 +86,7 @@ class Curriculum:
         self.scores: collections.deque = collections.deque(maxlen=self.settings["window"])
         self.failed: collections.deque = collections.deque(maxlen=self.settings["window"])
         self._configs: dict[int, dict] = {}
+        self._held: dict[int, set[str]] = {}
 
     def config(self, level: int) -> dict:
         """The task's config fields at ``level`` (the recipe's task_settings kept)."""
@@ -95,19 +97,41 @@ class Curriculum:
             self._configs[level] = task_config(self.name, given, level)
         return self._configs[level]
 
-    def stage(self, inputs: list[dict]) -> list[dict]:
-        """The batch's rows at the current level: each row's item (its index and seed) generated again there."""
+    def held_out_questions(self, level: int) -> set[str]:
+        """The questions of the held-out items at ``level``, which no training row there may ask."""
+        from grpo_cli.data.tasks import held_out_questions
+
+        if level not in self._held:
+            seed = (self.data.task_settings or {}).get("seed", 0) or 0
+            self._held[level] = held_out_questions(self.name, self.config(level), seed)
+        return self._held[level]
+
+    def stage(self, inputs: list[dict], held_out: bool = False) -> list[dict]:
+        """The batch's rows at the current level: each row's item (its index and seed) generated again there. A
+        training row whose item there asks a held-out question (of the held-out items at this level or as loaded)
+        takes the next index that does not, so training and held-out items stay apart at every level and the
+        sampler's order stays what it was; ``held_out``: the rows are the held-out items themselves."""
         from grpo_cli.data import to_examples
         from grpo_cli.data.tasks import TASK_COLUMN, entry
 
         if self.level == self.start:
             return inputs
         config, staged = self.config(self.level), []
+        skip = set() if held_out else self.held_out_questions(self.level) | self.held_out_questions(self.start)
         for row in inputs:
             task = json.loads(row[TASK_COLUMN])
             task["config"] = {**config, "seed": task["config"]["seed"], "size": task["config"]["size"]}
-            key = json.dumps(task, sort_keys=True)
-            _, item = entry(key)
+            first = task["index"]
+            for index in range(first, first + LOOKAHEAD):  # a small task space may hold no other item: keep the row's
+                task["index"] = index
+                key = json.dumps(task, sort_keys=True)
+                _, item = entry(key)
+                if item["question"] not in skip:
+                    break
+            else:
+                task["index"] = first
+                key = json.dumps(task, sort_keys=True)
+                _, item = entry(key)
             answer = "" if item.get("answer") is None else str(item["answer"])
             (example,), _ = to_examples([{"question": item["question"], "answer": answer, TASK_COLUMN: key}], self.data)
             staged.append({**row, **example})

@@ -11,6 +11,7 @@ import torch
 from grpo_cli.config import DataSettings
 from grpo_cli.curriculum import STATE, Curriculum, check_curriculum
 from grpo_cli.data import load_examples
+from grpo_cli.data.tasks import entry
 from grpo_cli.errors import GrpoError
 
 CHAIN = DataSettings(
@@ -51,6 +52,20 @@ def test_the_rows_are_the_same_items_generated_again_at_the_level():
         after["prompt"][-1]["content"].count(" + ") + after["prompt"][-1]["content"].count(" - ") for after in staged
     ]
     assert max(terms) > 1  # more than two terms appear at level 6
+
+
+def test_after_a_move_no_training_row_asks_a_held_out_question_there():
+    data = dataclasses.replace(CHAIN, difficulty=1, task_settings={"size": 50})
+    rows = load_examples(data)
+    curriculum = Curriculum(data)
+    curriculum.level = 0  # lowered to the start of chain_sum's curriculum: a small space of sums
+    staged = curriculum.stage(rows)
+    held_out = curriculum.stage(load_examples(dataclasses.replace(data, split="test")), held_out=True)
+    held = {entry(r["task"])[1]["question"] for r in held_out}  # what the held-out evaluation scores at level 0
+    assert held == curriculum.held_out_questions(0) and len(held) > 50
+    assert not {entry(r["task"])[1]["question"] for r in staged} & held
+    assert [r["task"] for r in curriculum.stage(rows)] == [r["task"] for r in staged]  # the same rows every time
+    assert sum(json.loads(r["task"])["index"] != json.loads(s["task"])["index"] for r, s in zip(rows, staged)) > 0
 
 
 def test_the_level_is_saved_with_a_checkpoint_and_resumed(tmp_path, capsys):
@@ -217,7 +232,7 @@ def test_the_held_out_evaluation_scores_the_items_at_the_level_and_keeps_the_cur
     curriculum.level = 3
     solved = {
         tokenizer.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False): e["answer"]
-        for e in curriculum.stage(held)
+        for e in curriculum.stage(held, held_out=True)
     }
     asked = []
 

@@ -144,6 +144,11 @@ def _items(name: str, config: dict, seed: int, count: int, skip: set[str] = froz
     return rows
 
 
+def held_out_questions(name: str, config: dict, seed: int) -> set[str]:
+    """The questions of the task's held-out items at ``config`` (the training ``seed``'s test split)."""
+    return {r["question"] for r in _items(name, config, seed + TEST_SEED, HELD_OUT)}
+
+
 def rows(settings) -> list[dict]:
     """The task's rows for ``settings.split``: ``test`` is the first HELD_OUT items of a seed of its own; ``train``
     the task's ``size`` items (task_settings, reasoning-gym's default 500) of its ``seed`` (0), without any question
