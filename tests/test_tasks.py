@@ -121,3 +121,17 @@ def test_a_verifier_that_evaluates_the_answer_does_so_outside_this_process(tmp_p
     hostile = f"<answer>__import__('pathlib').Path('{marker}').write_text(__import__('os').environ.get('HOME', 'none'))</answer>"
     assert REWARDS["task_score"]([hostile], task=[key])[0] < 1.0
     assert not marker.exists() or marker.read_text() == "none"  # no environment reached it
+
+
+@pytest.mark.parametrize("name", ["word_sorting", "aiw", "arc_agi", "rearc", "time_intervals"])
+def test_tasks_whose_settings_hold_enums_dates_or_nested_settings_regenerate_from_their_key(name):
+    rows = load_examples(dataclasses.replace(CHAIN, dataset=f"reasoning-gym:{name}", task_settings={"size": 2}, difficulty=None))
+    for row in rows:
+        dataset, item = entry(row["task"])  # from the key's JSON, its values typed as the task's config has them
+        assert dataset.score_answer(item["answer"], item) == 1.0
+
+
+def test_a_date_setting_given_as_text_is_read_as_a_date():
+    data = dataclasses.replace(CHAIN, dataset="reasoning-gym:time_intervals", difficulty=None, task_settings={
+        "size": 2, "min_date": "2000-01-01", "max_date": "2001-01-01"})  # fmt: skip
+    assert json.loads(load_examples(data)[0]["task"])["config"]["min_date"] == "2000-01-01"

@@ -3,8 +3,12 @@ settings and difficulty from the recipe, held-out items from a seed of their own
 regenerates its entry, which the task's own verifier scores (rewards/tasks.py)."""
 
 import dataclasses
+import datetime
 import difflib
+import enum
 import json
+import types
+import typing
 from functools import lru_cache
 
 from grpo_cli.errors import GrpoError
@@ -106,18 +110,61 @@ def task_config(name: str, settings: dict, difficulty: int | None) -> dict:
         curriculum.set_global_level(difficulty)
         values = dataclasses.asdict(curriculum.generate_configuration(values))
     try:
-        config = config_cls(**values)
+        hints = typing.get_type_hints(config_cls)
+        config = config_cls(**{k: _revive(hints.get(k), v) for k, v in values.items()})  # dates given as text, ...
         if hasattr(config, "validate"):
             config.validate()
     except (AssertionError, ValueError, TypeError) as exc:
         said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GrpoError(f"task_settings for {name} do not hold ({said}): change them in the recipe") from exc
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("seed", "size")}
+    plain = json.loads(json.dumps(dataclasses.asdict(config), default=_plain))  # what a row's key holds
+    return {k: v for k, v in plain.items() if k not in ("seed", "size")}
+
+
+def _plain(value):
+    """A config value JSON has no type for, as JSON: an enum its value, a date or time its ISO text."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _revive(kind, value):
+    """A config value read back from JSON as the config field's type has it (enums, dates, tuples, nested
+    dataclasses), which the task's generator expects."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if value is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _revive(arg, value)
+            except (TypeError, ValueError):
+                continue
+        return value
+    if origin is list and args:
+        return [_revive(args[0], v) for v in value]
+    if origin is tuple and args:
+        return tuple(_revive(args[0] if args[-1] is Ellipsis else args[i], v) for i, v in enumerate(value))
+    if origin is dict and len(args) == 2:
+        return {k: _revive(args[1], v) for k, v in value.items()}
+    if not isinstance(kind, type):
+        return value
+    if issubclass(kind, enum.Enum):
+        return kind(value)
+    if issubclass(kind, (datetime.date, datetime.time)) and isinstance(value, str):
+        return kind.fromisoformat(value)
+    if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+        hints = typing.get_type_hints(kind)
+        return kind(**{k: _revive(hints.get(k), v) for k, v in value.items()})
+    return value
 
 
 @lru_cache(maxsize=64)
 def _dataset(name: str, config: str):
-    return _registry().create_dataset(name, **json.loads(config))
+    hints = typing.get_type_hints(_registry().DATASETS[name][1])
+    return _registry().create_dataset(name, **{k: _revive(hints.get(k), v) for k, v in json.loads(config).items()})
 
 
 def entry(key: str) -> tuple[object, dict]:
