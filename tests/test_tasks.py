@@ -11,6 +11,7 @@ from grpo_cli.data import SOURCES, eval_examples, load_examples, source, to_exam
 from grpo_cli.data.tasks import entry
 from grpo_cli.errors import GrpoError
 from rewards import REWARDS, resolve
+from rewards.tasks import score_answers
 
 CHAIN = DataSettings(dataset="reasoning-gym:chain_sum", task_settings={"size": 60}, difficulty=0, system_prompt="S")
 
@@ -129,6 +130,8 @@ def test_tasks_whose_settings_hold_enums_dates_or_nested_settings_regenerate_fro
     for row in rows:
         dataset, item = entry(row["task"])  # from the key's JSON, its values typed as the task's config has them
         assert dataset.score_answer(item["answer"], item) == 1.0
+    answers = [entry(row["task"])[1]["answer"] for row in rows]
+    assert score_answers([row["task"] for row in rows], answers) == [1.0] * len(rows)  # and so does the reward's
 
 
 def test_a_date_setting_given_as_text_is_read_as_a_date():
