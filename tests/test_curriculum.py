@@ -258,3 +258,19 @@ def test_the_held_out_evaluation_scores_the_items_at_the_level_and_keeps_the_cur
     curriculum.level = 0  # at the start level one set serves both
     metrics = evaluator.evaluate()
     assert len(asked[-1]) == 4 and metrics["eval_level_accuracy"] == metrics["eval_accuracy"] == 0.0
+
+
+def test_resuming_with_another_curriculum_or_task_is_reported_as_the_model_or_data_set_are():
+    from grpo_cli.config import Settings
+    from grpo_cli.runs import changed_meaning
+
+    saved = Settings(data=HELD_OUT).to_dict()
+    for change, said in [
+        ({"curriculum": None}, "curriculum: {'follow': 'held_out'"),
+        ({"curriculum": {**HELD_OUT.curriculum, "follow": "batch"}}, "'follow': 'batch'"),
+        ({"difficulty": 2}, "difficulty: 0 -> 2"),
+        ({"task_settings": {"size": 9}}, "task_settings: {'size': 8} -> {'size': 9}"),
+    ]:
+        changes = changed_meaning(saved, Settings(data=dataclasses.replace(HELD_OUT, **change)).to_dict())
+        assert len(changes) == 1 and said in changes[0], changes
+    assert changed_meaning(saved, Settings(data=HELD_OUT).to_dict()) == []
