@@ -345,7 +345,9 @@ def evaluate(
     ] = None,
     dataset: Annotated[
         str | None,
-        typer.Option(help="arithmetic (its held-out split), gsm8k, reasoning-gym:TASK (its held-out items), or a data file."),
+        typer.Option(
+            help="arithmetic (its held-out split), gsm8k, reasoning-gym:TASK (its held-out items), or a data file."
+        ),
     ] = None,
     split: Annotated[str, typer.Option(help="The split to score.")] = "test",
     dataset_config: Annotated[str | None, typer.Option(help="A hub data set's configuration.")] = None,

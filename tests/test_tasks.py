@@ -126,7 +126,9 @@ def test_a_verifier_that_evaluates_the_answer_does_so_outside_this_process(tmp_p
 
 @pytest.mark.parametrize("name", ["word_sorting", "aiw", "arc_agi", "rearc", "time_intervals"])
 def test_tasks_whose_settings_hold_enums_dates_or_nested_settings_regenerate_from_their_key(name):
-    rows = load_examples(dataclasses.replace(CHAIN, dataset=f"reasoning-gym:{name}", task_settings={"size": 2}, difficulty=None))
+    rows = load_examples(
+        dataclasses.replace(CHAIN, dataset=f"reasoning-gym:{name}", task_settings={"size": 2}, difficulty=None)
+    )
     for row in rows:
         dataset, item = entry(row["task"])  # from the key's JSON, its values typed as the task's config has them
         assert dataset.score_answer(item["answer"], item) == 1.0
