@@ -176,7 +176,9 @@ def held_out_eval(settings: Settings, plan: Plan, examples: list[dict], tokenize
             model = self.trainer.model
             curriculum = self.following()
             # the items at the curriculum's level, where it has moved from the start: scored in the same pass
-            at_level = curriculum.stage(examples) if curriculum and curriculum.level != curriculum.start else []
+            at_level = (
+                curriculum.stage(examples, held_out=True) if curriculum and curriculum.level != curriculum.start else []
+            )
             rows = examples + at_level
             self.scratch = self.scratch or Path(tempfile.mkdtemp(prefix="grpo-live-"))
             generator = engine_for(plan)(model, tokenizer, None, plan)

@@ -245,16 +245,18 @@ def save_lora(
     print(f"Saved {run(source, out_dir, merged=merged, gguf=gguf, force=force, push_to_hub=push_to_hub)}")
 
 
-def offered_tools(specs: list[str] | None, lora: Path | None):
-    """The tools given on the command line, checked before any model loads, with the rounds and time limit the
-    adapter was trained with; None: the adapter's own tools."""
+def offered_tools(specs: list[str] | None, lora: Path | None, trained: dict | None = None):
+    """The tools given on the command line (or a recipe's), checked before any model loads, with the rounds and time
+    limit of ``trained`` (a run's data settings), else those the adapter was trained with; None: the adapter's own
+    tools."""
     from grpo_cli import models, tools
     from grpo_cli.adapter import find_adapter
     from grpo_cli.config import DataSettings
 
     if not specs:
         return None
-    trained = (find_adapter(lora)[1] if lora else {}).get("settings", {}).get("data", {})
+    if trained is None:
+        trained = (find_adapter(lora)[1] if lora else {}).get("settings", {}).get("data", {})
     limits = {k: trained[k] for k in ("max_tool_calling_iterations", "tool_timeout") if k in trained}
     models.unsloth_first()
     return tools.resolve(DataSettings(tools=specs, **limits))
@@ -337,21 +339,37 @@ def evaluate(
         typer.Option(
             "--config",
             "-c",
-            help="A training recipe: its data set (a reasoning-gym task's task_settings and difficulty), system "
-            "prompt, rewards and lengths, instead of the adapter's.",
+            help="A training recipe: its data set (a reasoning-gym task's task_settings and difficulty), fields, "
+            "system prompt, rewards, tools and lengths, where it sets them, over the adapter's.",
         ),
     ] = None,
-    dataset: Annotated[str | None, typer.Option(help="arithmetic (its held-out split), gsm8k, or a data file.")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="arithmetic (its held-out split), gsm8k, reasoning-gym:TASK (its held-out items), or a data file."
+        ),
+    ] = None,
     split: Annotated[str, typer.Option(help="The split to score.")] = "test",
     dataset_config: Annotated[str | None, typer.Option(help="A hub data set's configuration.")] = None,
-    question_field: Annotated[str, typer.Option(help="Question column of a data file.")] = "question",
-    answer_field: Annotated[str, typer.Option(help="Answer column of a data file.")] = "answer",
+    question_field: Annotated[
+        str | None, typer.Option(help="Question column of a data file (default: the recipe's, else question).")
+    ] = None,
+    answer_field: Annotated[
+        str | None, typer.Option(help="Answer column of a data file (default: the recipe's, else answer).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Score the first N prompts.")] = None,
-    model: Annotated[str | None, typer.Option(help="Base model (default: the adapter's).")] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System prompt (default: the adapter's).")] = None,
-    reward: Annotated[list[str] | None, typer.Option(help="Rewards to report (default: the adapter's).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Base model (default: the recipe's (--config), else the adapter's).")
+    ] = None,
+    system_prompt: Annotated[
+        str | None, typer.Option(help="System prompt (default: the recipe's (--config), else the adapter's).")
+    ] = None,
+    reward: Annotated[
+        list[str] | None, typer.Option(help="Rewards to report (default: the recipe's (--config), else the adapter's).")
+    ] = None,
     tool: Annotated[
-        list[str] | None, typer.Option(help="Offer these tools instead of the adapter's (calculator, file.py:fn, ...).")
+        list[str] | None,
+        typer.Option(help="Offer these tools (calculator, file.py:fn, ...) instead of the recipe's or the adapter's."),
     ] = None,
     sample: Annotated[bool, typer.Option(help="Sample (temperature, top-p) instead of greedy decoding.")] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature, with --sample.")] = 0.8,
@@ -373,12 +391,17 @@ def evaluate(
     # Before any model loads: the output folder, the adapter or recipe, and the data
     check_output_dir(output_dir, overwrite)
     manifest, trained = scored_as(lora, config)
+    recipe_tools = trained.get("data", {}).get("tools") if config else None
+    own = manifest.get("settings", {}).get("data", {}).get("tools")
+    tools = tool or (recipe_tools if recipe_tools and (not lora or recipe_tools != own) else None)  # else the adapter's
+    same = not dataset or dataset == trained.get("data", {}).get("dataset")  # the recipe's or adapter's data set
+    fields = trained.get("data", {}) if same else {}
     data = DataSettings(
         dataset=dataset or trained.get("data", {}).get("dataset", "arithmetic"),
         split=split,
         dataset_config=dataset_config or trained.get("data", {}).get("dataset_config"),
-        question_field=question_field,
-        answer_field=answer_field,
+        question_field=question_field or fields.get("question_field", "question"),
+        answer_field=answer_field or fields.get("answer_field", "answer"),
         system_prompt=manifest.get("system_prompt", "") if system_prompt is None else system_prompt,
         question_template=trained.get("data", {}).get("question_template", "{question}"),
         environment=None if tool else trained.get("data", {}).get("environment"),  # its rows keep their columns
@@ -387,7 +410,7 @@ def evaluate(
     )
     first = load_examples(data)[0]
     code = bool(code_columns(first))
-    toolset = offered_tools(tool, lora)
+    toolset = offered_tools(tools, lora, trained.get("data", {}) if config else None)
     pair = Pair(model or (None if lora else trained.get("model", {}).get("model")), lora, toolset=toolset)
     print(pair.plan.line())
     default = ["code_tests"] if code else ["task_score"] if TASK_COLUMN in first else ["numeric_correctness"]
@@ -427,16 +450,31 @@ def evaluate(
 
 def scored_as(lora: Path | None, config: Path | None) -> tuple[dict, dict]:
     """What eval scores with where its flags leave it, as (a manifest: system prompt and rewards; a run's settings):
-    the adapter's, or with ``config`` a training recipe's, read and checked as `grpo train` reads it, so that the base
-    model alone can be scored on a reasoning-gym task's settings and difficulty."""
+    the adapter's, or with ``config`` a training recipe's, read and checked as `grpo train` reads it (less what only
+    training needs), so that the base model alone can be scored on a reasoning-gym task's settings and difficulty.
+    With both, the settings the recipe gives replace the adapter's and the rest stay the adapter's."""
     from grpo_cli.adapter import find_adapter
     from grpo_cli.config import load_settings
 
     manifest = find_adapter(lora)[1] if lora else {}
     if config is None:
         return manifest, manifest.get("settings", {})
-    recipe = load_settings(str(config), announce=False)
-    return manifest | {"system_prompt": recipe.data.system_prompt, "rewards": recipe.data.rewards}, recipe.to_dict()
+    recipe = load_settings(str(config), announce=False, training=False)
+    given, settings = set(recipe.given), recipe.to_dict()
+    if not lora:
+        return {"system_prompt": recipe.data.system_prompt, "rewards": recipe.data.rewards}, settings
+    base = manifest.get("base_model")
+    if "model" in given and base is not None and recipe.model.model != base:
+        raise GrpoError(
+            f"the recipe's model {recipe.model.model} is not the adapter's base {base}: drop model from the recipe, "
+            "or evaluate without --lora"
+        )
+    trained = {section: dict(values) for section, values in manifest.get("settings", {}).items()}
+    for section in ("model", "data", "train"):
+        for key in given & set(settings[section]):
+            trained.setdefault(section, {})[key] = settings[section][key]
+    said = {k: getattr(recipe.data, k) for k in ("system_prompt", "rewards") if k in given}
+    return manifest | said, trained
 
 
 def task_as_trained(dataset: str | None, trained: dict) -> dict:
@@ -444,7 +482,10 @@ def task_as_trained(dataset: str | None, trained: dict) -> dict:
     task (its held-out items, from their own seed)."""
     if dataset and dataset != trained.get("dataset"):
         return {}
-    return {"task_settings": trained.get("task_settings") or {}, "difficulty": trained.get("difficulty")}
+    difficulty = trained.get("difficulty")
+    if difficulty is None and trained.get("curriculum"):  # the curriculum's start, where its held-out items sat
+        difficulty = 0
+    return {"task_settings": trained.get("task_settings") or {}, "difficulty": difficulty}
 
 
 @app.command()

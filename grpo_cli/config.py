@@ -284,10 +284,15 @@ def read_text_file(path: Path, what: str, instead: str) -> str:
 
 
 def load_settings(
-    config: str | None = None, flags: dict | None = None, saved: dict | None = None, announce: bool = True
+    config: str | None = None,
+    flags: dict | None = None,
+    saved: dict | None = None,
+    announce: bool = True,
+    training: bool = True,
 ) -> Settings:
     """Defaults (or a saved run's settings), then the YAML recipe, then the flags given (None: not given). On the
-    embedded model the defaults are the settings it learns with (EMBEDDED_SETTINGS), said in one line."""
+    embedded model the defaults are the settings it learns with (EMBEDDED_SETTINGS), said in one line. ``training``
+    False (a recipe read for `grpo eval`): what only training needs is not checked."""
     settings, others = Settings(), {}
     recipe = read_recipe(config) if config else {}
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
@@ -307,7 +312,7 @@ def load_settings(
     prompt = settings.data.system_prompt
     if prompt.startswith("@"):
         settings.data.system_prompt = read_text_file(Path(prompt[1:]), "system prompt file", "--system-prompt TEXT")
-    validate(settings)
+    validate(settings, training)
     return settings
 
 
@@ -345,7 +350,7 @@ def embedded_line(given: dict) -> str:
     )
 
 
-def validate(s: Settings) -> None:
+def validate(s: Settings, training: bool = True) -> None:
     """Fail before any model is loaded, with a message that says what to change."""
     t, m, d = s.train, s.model, s.data
     for name, value in [
@@ -414,7 +419,7 @@ def validate(s: Settings) -> None:
     if d.curriculum:
         from grpo_cli.curriculum import check_curriculum
 
-        check_curriculum(d, d.rewards, t)
+        check_curriculum(d, d.rewards, t if training else None)
     if (d.task_settings or d.difficulty is not None) and not d.dataset.startswith("reasoning-gym:"):
         raise GrpoError(
             f"task_settings and difficulty are a reasoning-gym task's: {d.dataset} is none, use --dataset reasoning-gym:TASK"

@@ -20,13 +20,14 @@ FOLLOW = {
     "held_out": "the accuracy of the latest held-out evaluation, on its items generated at the current level",
 }  # what raises the level
 REWARD = "task_score"  # the task's own score, which the curriculum reads
+LOOKAHEAD = 1000  # items a training row looks on for one that no held-out item asks
 STATE = "curriculum.json"  # in each checkpoint: the level and the window, for resume
 
 
 def check_curriculum(data: DataSettings, rewards: list[str] | None = None, train: TrainSettings | None = None) -> dict:
     """The recipe's curriculum with its defaults, checked before any model loads (with ``train``: that the held-out
     evaluation it may follow runs)."""
-    from grpo_cli.data.tasks import PREFIX, levels, task_name
+    from grpo_cli.data.tasks import PREFIX, curriculum_fields, levels, task_config, task_name
 
     given = data.curriculum if isinstance(data.curriculum, dict) else {}
     if data.curriculum is not True and not isinstance(data.curriculum, dict):
@@ -41,13 +42,19 @@ def check_curriculum(data: DataSettings, rewards: list[str] | None = None, train
             raise GrpoError(f"curriculum: {key} must be a share in (0, 1], got {value!r}")
     if isinstance(settings["window"], bool) or not isinstance(settings["window"], int) or settings["window"] < 1:
         raise GrpoError(f"curriculum: window must be a positive number of batches, got {settings['window']!r}")
-    if settings["follow"] not in FOLLOW:
+    if not isinstance(settings["follow"], str) or settings["follow"] not in FOLLOW:  # a list or mapping: unhashable
         raise GrpoError(f"curriculum: follow must be {' or '.join(FOLLOW)}, got {settings['follow']!r}")
     if not data.dataset.startswith(PREFIX + ":"):
         raise GrpoError(f"curriculum: it moves a reasoning-gym task's level; {data.dataset} is no reasoning-gym:TASK")
     name = task_name(data.dataset)
     if not levels(name):
         raise GrpoError(f"curriculum: reasoning-gym has no curriculum for {name}: drop curriculum")
+    own = {k: v for k, v in (data.task_settings or {}).items() if k not in ("seed", "size")}
+    clash = sorted(set(own) & curriculum_fields(name))
+    if clash:
+        raise GrpoError(f"curriculum: drop {clash[0]} from task_settings: the curriculum's levels set it")
+    for level in range(levels(name)):  # every level the curriculum may reach holds with the recipe's settings
+        task_config(name, own, level)
     if rewards is not None and REWARD not in {r.split(":")[0] for r in rewards}:
         raise GrpoError(f"curriculum: it follows the task's own score: add the {REWARD} reward")
     if train is not None and settings["follow"] == "held_out":
@@ -68,17 +75,18 @@ class Curriculum:
     """The level of one reasoning-gym task during training, and the rows at that level."""
 
     def __init__(self, data: DataSettings):
-        from grpo_cli.data.tasks import levels, task_name
+        from grpo_cli.data.tasks import levels, start_level, task_name
 
         self.data = data
         self.settings = check_curriculum(data)
         self.name = task_name(data.dataset)
         self.top = levels(self.name) - 1
-        self.level = self.start = data.difficulty or 0
+        self.level = self.start = start_level(data)
         self.follows = self.settings["follow"]
         self.scores: collections.deque = collections.deque(maxlen=self.settings["window"])
         self.failed: collections.deque = collections.deque(maxlen=self.settings["window"])
         self._configs: dict[int, dict] = {}
+        self._held: dict[int, set[str]] = {}
 
     def config(self, level: int) -> dict:
         """The task's config fields at ``level`` (the recipe's task_settings kept)."""
@@ -89,19 +97,41 @@ class Curriculum:
             self._configs[level] = task_config(self.name, given, level)
         return self._configs[level]
 
-    def stage(self, inputs: list[dict]) -> list[dict]:
-        """The batch's rows at the current level: each row's item (its index and seed) generated again there."""
+    def held_out_questions(self, level: int) -> set[str]:
+        """The questions of the held-out items at ``level``, which no training row there may ask."""
+        from grpo_cli.data.tasks import held_out_questions
+
+        if level not in self._held:
+            seed = (self.data.task_settings or {}).get("seed", 0) or 0
+            self._held[level] = held_out_questions(self.name, self.config(level), seed)
+        return self._held[level]
+
+    def stage(self, inputs: list[dict], held_out: bool = False) -> list[dict]:
+        """The batch's rows at the current level: each row's item (its index and seed) generated again there. A
+        training row whose item there asks a held-out question (of the held-out items at this level or as loaded)
+        takes the next index that does not, so training and held-out items stay apart at every level and the
+        sampler's order stays what it was; ``held_out``: the rows are the held-out items themselves."""
         from grpo_cli.data import to_examples
         from grpo_cli.data.tasks import TASK_COLUMN, entry
 
         if self.level == self.start:
             return inputs
         config, staged = self.config(self.level), []
+        skip = set() if held_out else self.held_out_questions(self.level) | self.held_out_questions(self.start)
         for row in inputs:
             task = json.loads(row[TASK_COLUMN])
             task["config"] = {**config, "seed": task["config"]["seed"], "size": task["config"]["size"]}
-            key = json.dumps(task, sort_keys=True)
-            _, item = entry(key)
+            first = task["index"]
+            for index in range(first, first + LOOKAHEAD):  # a small task space may hold no other item: keep the row's
+                task["index"] = index
+                key = json.dumps(task, sort_keys=True)
+                _, item = entry(key)
+                if item["question"] not in skip:
+                    break
+            else:
+                task["index"] = first
+                key = json.dumps(task, sort_keys=True)
+                _, item = entry(key)
             answer = "" if item.get("answer") is None else str(item["answer"])
             (example,), _ = to_examples([{"question": item["question"], "answer": answer, TASK_COLUMN: key}], self.data)
             staged.append({**row, **example})

@@ -21,7 +21,11 @@ ERROR_LOG = "error.log"
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors")
 # a resume that changes these trains something else than the run it continues
 STEP = re.compile(r"checkpoint-(\d+)$")
-MEANING = {"model": ["model"], "data": ["dataset", "rewards"], "train": ["num_generations"]}
+MEANING = {
+    "model": ["model"],
+    "data": ["dataset", "rewards", "task_settings", "difficulty", "curriculum"],
+    "train": ["num_generations"],
+}
 
 
 class RunFailed(Exception):

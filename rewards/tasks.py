@@ -6,6 +6,7 @@ scoring never runs in the trainer's process: a child process of its own, with an
 limits, gets plain JSON (the keys and the answers) on stdin and gives one number per answer on stdout, parsed
 strictly. It is not the bubblewrap sandbox of the code rewards: it sees the file system as the trainer's user."""
 
+import inspect
 import json
 import math
 import os
@@ -13,17 +14,19 @@ import resource
 import subprocess
 import sys
 
+from grpo_cli.data.tasks import _revive
 from grpo_cli.errors import GrpoError
 from rewards.reference import completion_text, extract_xml_answer
 
 SCORER = r"""
-import json, sys
+import dataclasses, datetime, enum, json, sys, types, typing
 from functools import lru_cache
 import reasoning_gym
 
 @lru_cache(maxsize=None)
 def dataset(name, config):
-    return reasoning_gym.create_dataset(name, **json.loads(config))
+    hints = typing.get_type_hints(reasoning_gym.factory.DATASETS[name][1])
+    return reasoning_gym.create_dataset(name, **{k: _revive(hints.get(k), v) for k, v in json.loads(config).items()})
 
 job = json.loads(sys.stdin.read())
 scores = []
@@ -37,6 +40,7 @@ for key, answer in zip(job["keys"], job["answers"]):
     scores.append(score if 0.0 <= score <= 1.0 else 0.0)
 sys.stdout.write(json.dumps(scores))
 """
+SCORER = inspect.getsource(_revive) + SCORER  # a key's JSON config read back as the task's config types have it
 SECONDS = 120
 MEMORY = 8 << 30  # address space: numpy's and sympy's imports map much more than they use
 

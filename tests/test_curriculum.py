@@ -11,6 +11,7 @@ import torch
 from grpo_cli.config import DataSettings
 from grpo_cli.curriculum import STATE, Curriculum, check_curriculum
 from grpo_cli.data import load_examples
+from grpo_cli.data.tasks import entry
 from grpo_cli.errors import GrpoError
 
 CHAIN = DataSettings(
@@ -53,6 +54,20 @@ def test_the_rows_are_the_same_items_generated_again_at_the_level():
     assert max(terms) > 1  # more than two terms appear at level 6
 
 
+def test_after_a_move_no_training_row_asks_a_held_out_question_there():
+    data = dataclasses.replace(CHAIN, difficulty=1, task_settings={"size": 50})
+    rows = load_examples(data)
+    curriculum = Curriculum(data)
+    curriculum.level = 0  # lowered to the start of chain_sum's curriculum: a small space of sums
+    staged = curriculum.stage(rows)
+    held_out = curriculum.stage(load_examples(dataclasses.replace(data, split="test")), held_out=True)
+    held = {entry(r["task"])[1]["question"] for r in held_out}  # what the held-out evaluation scores at level 0
+    assert held == curriculum.held_out_questions(0) and len(held) > 50
+    assert not {entry(r["task"])[1]["question"] for r in staged} & held
+    assert [r["task"] for r in curriculum.stage(rows)] == [r["task"] for r in staged]  # the same rows every time
+    assert sum(json.loads(r["task"])["index"] != json.loads(s["task"])["index"] for r, s in zip(rows, staged)) > 0
+
+
 def test_the_level_is_saved_with_a_checkpoint_and_resumed(tmp_path, capsys):
     curriculum = Curriculum(CHAIN)
     curriculum.level = 3
@@ -73,12 +88,21 @@ def test_the_level_is_saved_with_a_checkpoint_and_resumed(tmp_path, capsys):
         ({"dataset": "arithmetic"}, "arithmetic is no reasoning-gym:TASK"),
         ({"dataset": "reasoning-gym:acre", "difficulty": None}, "no curriculum for acre"),
         ({"rewards": ["answer_tag"]}, "add the task_score reward"),
+        ({"difficulty": None, "task_settings": {"max_terms": 2, "max_digits": 1}},
+         "curriculum: drop max_digits from task_settings: the curriculum's levels set it"),
     ],
 )  # fmt: skip
 def test_bad_curriculum_settings_are_one_line(change, message):
     data = dataclasses.replace(CHAIN, **change)
     with pytest.raises(GrpoError, match=message):
         check_curriculum(data, data.rewards)
+
+
+def test_without_a_difficulty_the_items_load_at_the_curriculums_start():
+    data = dataclasses.replace(CHAIN, difficulty=None, task_settings={"size": 20})
+    start = load_examples(dataclasses.replace(data, curriculum=None, difficulty=0))
+    assert [r["task"] for r in load_examples(data)] == [r["task"] for r in start]  # level 0, not the task's default
+    assert Curriculum(data).start == 0
 
 
 def test_curriculum_true_takes_the_defaults():
@@ -127,6 +151,7 @@ def test_a_level_raised_on_the_held_out_accuracy_is_saved_and_resumed(tmp_path):
     "change, train, message",
     [
         ({"curriculum": {"follow": "heldout"}}, {"eval_steps": 5}, "follow must be batch or held_out, got 'heldout'"),
+        ({"curriculum": {"follow": ["held_out"]}}, {"eval_steps": 5}, r"follow must be batch or held_out, got \['held_out'\]"),
         ({"curriculum": {"follow": "held_out"}}, {}, "follow held_out reads the held-out evaluation, which is off"),
         ({"curriculum": {"follow": "held_out"}, "eval_dataset": "arithmetic"}, {"eval_steps": 5},
          "not arithmetic: drop eval_dataset, or follow batch"),
@@ -207,7 +232,7 @@ def test_the_held_out_evaluation_scores_the_items_at_the_level_and_keeps_the_cur
     curriculum.level = 3
     solved = {
         tokenizer.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False): e["answer"]
-        for e in curriculum.stage(held)
+        for e in curriculum.stage(held, held_out=True)
     }
     asked = []
 
@@ -233,3 +258,19 @@ def test_the_held_out_evaluation_scores_the_items_at_the_level_and_keeps_the_cur
     curriculum.level = 0  # at the start level one set serves both
     metrics = evaluator.evaluate()
     assert len(asked[-1]) == 4 and metrics["eval_level_accuracy"] == metrics["eval_accuracy"] == 0.0
+
+
+def test_resuming_with_another_curriculum_or_task_is_reported_as_the_model_or_data_set_are():
+    from grpo_cli.config import Settings
+    from grpo_cli.runs import changed_meaning
+
+    saved = Settings(data=HELD_OUT).to_dict()
+    for change, said in [
+        ({"curriculum": None}, "curriculum: {'follow': 'held_out'"),
+        ({"curriculum": {**HELD_OUT.curriculum, "follow": "batch"}}, "'follow': 'batch'"),
+        ({"difficulty": 2}, "difficulty: 0 -> 2"),
+        ({"task_settings": {"size": 9}}, "task_settings: {'size': 8} -> {'size': 9}"),
+    ]:
+        changes = changed_meaning(saved, Settings(data=dataclasses.replace(HELD_OUT, **change)).to_dict())
+        assert len(changes) == 1 and said in changes[0], changes
+    assert changed_meaning(saved, Settings(data=HELD_OUT).to_dict()) == []

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from grpo_cli.config import DataSettings
+from grpo_cli.errors import GrpoError
 from grpo_cli.evaluate import evaluate, flipped
 from grpo_cli.generate import Pair, Sampling, converse
 
@@ -103,3 +104,70 @@ def test_a_bad_recipe_for_eval_is_one_line_before_any_model_loads(tmp_path, reci
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert "Plan:" not in result.stdout  # refused before the model loaded
+
+
+def eval_until_the_model(tmp_path, monkeypatch, *args) -> dict:
+    """`grpo eval` up to the model's loading: the data settings it loads and what it hands the model."""
+    from typer.testing import CliRunner
+
+    from grpo_cli import cli, data, generate, models
+
+    seen, load = {}, data.load_examples
+
+    class Loaded(Exception):
+        pass
+
+    def pair(model, lora, toolset=None):
+        seen.update(model=model, toolset=toolset)
+        raise Loaded
+
+    monkeypatch.setattr(data, "load_examples", lambda d, *a, **k: seen.setdefault("data", d) and load(d, *a, **k))
+    monkeypatch.setattr(generate, "Pair", pair)
+    monkeypatch.setattr(models, "unsloth_first", lambda: None)  # nothing loads here: no need to import it first
+    result = CliRunner().invoke(cli.app, ["eval", *map(str, args), "--output-dir", str(tmp_path / "eval")])
+    assert isinstance(result.exception, Loaded), result.output
+    return seen
+
+
+def test_eval_reads_a_recipes_fields_and_offers_its_tools(tmp_path, monkeypatch, write_jsonl):
+    rows = write_jsonl([{"problem": "1 + 1", "solution": "2"}], "problems.jsonl")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"dataset: {rows}\nquestion_field: problem\nanswer_field: solution\n")
+    data = eval_until_the_model(tmp_path, monkeypatch, "--config", recipe)["data"]
+    assert (data.question_field, data.answer_field) == ("problem", "solution")
+
+    seen = eval_until_the_model(tmp_path, monkeypatch, "--config", "recipes/smollm2-135m-tools-cpu.yaml", "--limit", 2)
+    assert seen["toolset"].names == ["calculator"] and seen["toolset"].max_iterations == 1
+
+
+def test_with_an_adapter_a_recipe_replaces_only_the_settings_it_gives(tmp_path):
+    from grpo_cli.cli import scored_as
+    from tests.fakes import adapter_dir
+
+    adapter = adapter_dir(tmp_path / "adapter")
+    manifest = json.loads((adapter / "grpo.json").read_text())
+    manifest |= {"system_prompt": "A", "rewards": ["answer_tag", "task_score"]}
+    manifest["settings"] |= {"data": {"dataset": "arithmetic", "question_template": "Q: {question}"},
+                             "train": {"max_completion_length": 64}}  # fmt: skip
+    (adapter / "grpo.json").write_text(json.dumps(manifest))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("dataset: reasoning-gym:chain_sum\ndifficulty: 2\n")
+    said, trained = scored_as(adapter, recipe)
+    assert said["system_prompt"] == "A" and said["rewards"] == ["answer_tag", "task_score"]
+    assert trained["train"]["max_completion_length"] == 64 and trained["data"]["question_template"] == "Q: {question}"
+    assert trained["data"]["dataset"] == "reasoning-gym:chain_sum" and trained["data"]["difficulty"] == 2
+    recipe.write_text("dataset: reasoning-gym:chain_sum\nsystem_prompt: R\nmax_completion_length: 32\n")
+    said, trained = scored_as(adapter, recipe)
+    assert said["system_prompt"] == "R" and trained["train"]["max_completion_length"] == 32
+    recipe.write_text("model: smollm2-135m\ndataset: reasoning-gym:chain_sum\n")
+    with pytest.raises(GrpoError, match="the recipe's model smollm2-135m is not the adapter's base .*: drop model"):
+        scored_as(adapter, recipe)
+
+
+def test_eval_leaves_the_training_only_curriculum_conditions_to_train(tmp_path):
+    from grpo_cli.cli import scored_as, task_as_trained
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("dataset: reasoning-gym:chain_sum\nrewards: [task_score]\ncurriculum: {follow: held_out}\n")
+    _, trained = scored_as(None, recipe)  # no eval_steps: train refuses it, eval has no use for them
+    assert task_as_trained(None, trained["data"]) == {"task_settings": {}, "difficulty": 0}  # the curriculum's start

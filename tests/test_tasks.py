@@ -11,6 +11,7 @@ from grpo_cli.data import SOURCES, eval_examples, load_examples, source, to_exam
 from grpo_cli.data.tasks import entry
 from grpo_cli.errors import GrpoError
 from rewards import REWARDS, resolve
+from rewards.tasks import score_answers
 
 CHAIN = DataSettings(dataset="reasoning-gym:chain_sum", task_settings={"size": 60}, difficulty=0, system_prompt="S")
 
@@ -81,6 +82,7 @@ def test_a_task_with_many_right_answers_keeps_an_empty_answer():
         ({"dataset": "reasoning-gym:acre", "difficulty": 1}, "no curriculum for acre"),
         ({"difficulty": 1, "task_settings": {"min_terms": 3}}, "min_terms is set by the difficulty level"),
         ({"task_settings": {"size": 0}}, "size must be a positive number of items"),
+        ({"task_settings": {"seed": "a"}}, "seed must be a whole number, got 'a'"),
         ({"split": "validation"}, "has the splits train and test, not 'validation'"),
     ],
 )  # fmt: skip
@@ -120,3 +122,21 @@ def test_a_verifier_that_evaluates_the_answer_does_so_outside_this_process(tmp_p
     hostile = f"<answer>__import__('pathlib').Path('{marker}').write_text(__import__('os').environ.get('HOME', 'none'))</answer>"
     assert REWARDS["task_score"]([hostile], task=[key])[0] < 1.0
     assert not marker.exists() or marker.read_text() == "none"  # no environment reached it
+
+
+@pytest.mark.parametrize("name", ["word_sorting", "aiw", "arc_agi", "rearc", "time_intervals"])
+def test_tasks_whose_settings_hold_enums_dates_or_nested_settings_regenerate_from_their_key(name):
+    rows = load_examples(
+        dataclasses.replace(CHAIN, dataset=f"reasoning-gym:{name}", task_settings={"size": 2}, difficulty=None)
+    )
+    for row in rows:
+        dataset, item = entry(row["task"])  # from the key's JSON, its values typed as the task's config has them
+        assert dataset.score_answer(item["answer"], item) == 1.0
+    answers = [entry(row["task"])[1]["answer"] for row in rows]
+    assert score_answers([row["task"] for row in rows], answers) == [1.0] * len(rows)  # and so does the reward's
+
+
+def test_a_date_setting_given_as_text_is_read_as_a_date():
+    data = dataclasses.replace(CHAIN, dataset="reasoning-gym:time_intervals", difficulty=None, task_settings={
+        "size": 2, "min_date": "2000-01-01", "max_date": "2001-01-01"})  # fmt: skip
+    assert json.loads(load_examples(data)[0]["task"])["config"]["min_date"] == "2000-01-01"

@@ -3,8 +3,12 @@ settings and difficulty from the recipe, held-out items from a seed of their own
 regenerates its entry, which the task's own verifier scores (rewards/tasks.py)."""
 
 import dataclasses
+import datetime
 import difflib
+import enum
 import json
+import types
+import typing
 from functools import lru_cache
 
 from grpo_cli.errors import GrpoError
@@ -63,6 +67,14 @@ def levels(name: str) -> int:
     return max(len(attr.levels) for attr in factory.create_curriculum(name).attributes.values())
 
 
+def start_level(data) -> int | None:
+    """The level a run's task items load at: its ``difficulty``, or with a curriculum and none given the
+    curriculum's start, level 0 (not reasoning-gym's default settings, which sit at no level of it)."""
+    if data.difficulty is None and data.curriculum:
+        return 0
+    return data.difficulty
+
+
 def task_config(name: str, settings: dict, difficulty: int | None) -> dict:
     """The task's config fields as the recipe gives them: ``task_settings`` over reasoning-gym's defaults, and with a
     ``difficulty`` the fields the task's curriculum sets at that level. Checked by the task's own ``validate``; a
@@ -98,18 +110,61 @@ def task_config(name: str, settings: dict, difficulty: int | None) -> dict:
         curriculum.set_global_level(difficulty)
         values = dataclasses.asdict(curriculum.generate_configuration(values))
     try:
-        config = config_cls(**values)
+        hints = typing.get_type_hints(config_cls)
+        config = config_cls(**{k: _revive(hints.get(k), v) for k, v in values.items()})  # dates given as text, ...
         if hasattr(config, "validate"):
             config.validate()
     except (AssertionError, ValueError, TypeError) as exc:
         said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GrpoError(f"task_settings for {name} do not hold ({said}): change them in the recipe") from exc
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("seed", "size")}
+    plain = json.loads(json.dumps(dataclasses.asdict(config), default=_plain))  # what a row's key holds
+    return {k: v for k, v in plain.items() if k not in ("seed", "size")}
+
+
+def _plain(value):
+    """A config value JSON has no type for, as JSON: an enum its value, a date or time its ISO text."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _revive(kind, value):
+    """A config value read back from JSON as the config field's type has it (enums, dates, tuples, nested
+    dataclasses), which the task's generator expects."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if value is None:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _revive(arg, value)
+            except (TypeError, ValueError):
+                continue
+        return value
+    if origin is list and args:
+        return [_revive(args[0], v) for v in value]
+    if origin is tuple and args:
+        return tuple(_revive(args[0] if args[-1] is Ellipsis else args[i], v) for i, v in enumerate(value))
+    if origin is dict and len(args) == 2:
+        return {k: _revive(args[1], v) for k, v in value.items()}
+    if not isinstance(kind, type):
+        return value
+    if issubclass(kind, enum.Enum):
+        return kind(value)
+    if issubclass(kind, (datetime.date, datetime.time)) and isinstance(value, str):
+        return kind.fromisoformat(value)
+    if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+        hints = typing.get_type_hints(kind)
+        return kind(**{k: _revive(hints.get(k), v) for k, v in value.items()})
+    return value
 
 
 @lru_cache(maxsize=64)
 def _dataset(name: str, config: str):
-    return _registry().create_dataset(name, **json.loads(config))
+    hints = typing.get_type_hints(_registry().DATASETS[name][1])
+    return _registry().create_dataset(name, **{k: _revive(hints.get(k), v) for k, v in json.loads(config).items()})
 
 
 def entry(key: str) -> tuple[object, dict]:
@@ -136,6 +191,11 @@ def _items(name: str, config: dict, seed: int, count: int, skip: set[str] = froz
     return rows
 
 
+def held_out_questions(name: str, config: dict, seed: int) -> set[str]:
+    """The questions of the task's held-out items at ``config`` (the training ``seed``'s test split)."""
+    return {r["question"] for r in _items(name, config, seed + TEST_SEED, HELD_OUT)}
+
+
 def rows(settings) -> list[dict]:
     """The task's rows for ``settings.split``: ``test`` is the first HELD_OUT items of a seed of its own; ``train``
     the task's ``size`` items (task_settings, reasoning-gym's default 500) of its ``seed`` (0), without any question
@@ -143,9 +203,11 @@ def rows(settings) -> list[dict]:
     name = task_name(settings.dataset)
     given = dict(settings.task_settings or {})
     seed, size = given.pop("seed", 0) or 0, given.pop("size", DEFAULT_SIZE)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise GrpoError(f"task_settings: seed must be a whole number, got {seed!r}")
     if not isinstance(size, int) or size <= 0:
         raise GrpoError(f"task_settings: size must be a positive number of items, got {size!r}")
-    config = task_config(name, given, settings.difficulty)
+    config = task_config(name, given, start_level(settings))
     if settings.split not in ("train", "test"):
         raise GrpoError(f"{settings.dataset} has the splits train and test, not {settings.split!r}")
     held_out = _items(name, config, seed + TEST_SEED, HELD_OUT)
