@@ -74,6 +74,14 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
         raise GrpoError(f"{out_dir} is a file, not a directory: give a new or empty directory for the output")
     if occupied(out_dir) and not force:
         raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
+    where = out_dir.absolute().parent  # the output is written beside it, then renamed
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        kind = "a file" if not where.is_dir() else "not writable"
+        raise GrpoError(
+            f"{out_dir} cannot be written: {where} is {kind}: give a directory in a folder you can write to"
+        )
 
 
 def publish(out_dir: Path, write, force: bool = False) -> Path:

@@ -55,3 +55,10 @@ def test_an_out_dir_that_is_a_file_is_refused_and_kept(run, tmp_path, force):
     with pytest.raises(GrpoError, match="notes.txt is a file, not a directory"):
         save_lora(run, mine, force=force)
     assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]
+
+
+def test_an_out_dir_inside_a_file_is_refused_before_anything_is_written(run, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(GrpoError, match="notes.txt is a file: give a directory in a folder you can write to"):
+        save_lora(run, tmp_path / "notes.txt" / "out")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
