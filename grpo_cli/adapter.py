@@ -68,6 +68,22 @@ def check_adapter_dir(directory: Path) -> None:
         )
 
 
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """A new or empty directory, or one --force may replace; never a file, which --force would not replace either."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GrpoError(f"{out_dir} is a file, not a directory: give a new or empty directory for the output")
+    if occupied(out_dir) and not force:
+        raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
+    where = out_dir.absolute().parent  # the output is written beside it, then renamed
+    while not where.exists():
+        where = where.parent
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        kind = "a file" if not where.is_dir() else "not writable"
+        raise GrpoError(
+            f"{out_dir} cannot be written: {where} is {kind}: give a directory in a folder you can write to"
+        )
+
+
 def publish(out_dir: Path, write, force: bool = False) -> Path:
     """Call ``write(tmp_dir)`` and move the result to ``out_dir`` in one rename.
 
@@ -75,8 +91,7 @@ def publish(out_dir: Path, write, force: bool = False) -> Path:
     content is complete.
     """
     out_dir = Path(out_dir)
-    if occupied(out_dir) and not force:
-        raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
+    check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     tmp.chmod(0o755)
@@ -310,8 +325,7 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
     if not manifest:
         raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
     out_dir = Path(out_dir)
-    if occupied(out_dir) and not force:
-        raise GrpoError(f"{out_dir} exists and is not empty: choose another directory or pass --force")
+    check_out_dir(out_dir, force)
     if gguf:
         gguf = gguf.lower()
         if gguf in export.GGUF_TYPES:

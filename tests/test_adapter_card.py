@@ -46,3 +46,19 @@ def test_push_without_the_hub_says_so_and_keeps_the_folder(run, tmp_path, monkey
     with pytest.raises(GrpoError, match="give a Hub repository as ORG/NAME"):
         save_lora(run, tmp_path / "other", push_to_hub="not a repo")
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_an_out_dir_that_is_a_file_is_refused_and_kept(run, tmp_path, force):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(GrpoError, match="notes.txt is a file, not a directory"):
+        save_lora(run, mine, force=force)
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]
+
+
+def test_an_out_dir_inside_a_file_is_refused_before_anything_is_written(run, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(GrpoError, match="notes.txt is a file: give a directory in a folder you can write to"):
+        save_lora(run, tmp_path / "notes.txt" / "out")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
