@@ -326,6 +326,10 @@ def _save_lora(source: Path, out_dir: Path, merged: bool, gguf: str | None, forc
         raise GrpoError(f"no {MANIFEST} found for {source}: give a directory written by `grpo train`")
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
+    if gguf is not None and not gguf.strip():
+        raise GrpoError(f"--gguf needs a type: {', '.join(export.GGUF_TYPES)}")
+    if merged and gguf:
+        raise GrpoError("--merged and --gguf write different things: give one (--gguf merges the adapter itself)")
     if gguf:
         gguf = gguf.lower()
         if gguf in export.GGUF_TYPES:

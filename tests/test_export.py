@@ -64,6 +64,20 @@ def test_a_type_that_is_not_written_here_is_one_line(run, tmp_path, gguf, messag
     assert result.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gguf", " "], "--gguf needs a type: f16, bf16, q8_0, q4_k_m"),
+        (["--gguf", "q8_0", "--merged"], "--merged and --gguf write different things: give one"),
+    ],
+)
+def test_an_empty_type_or_merged_with_gguf_is_one_line(run, tmp_path, flags, message):
+    result = subprocess.run([sys.executable, "-m", "grpo_cli", "save-lora", str(run), str(tmp_path / "out"), *flags],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_folder_that_is_no_run_or_adapter(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(GrpoError, match="is not a LoRA adapter .*: give a directory written by `grpo save-lora`"):
