@@ -211,14 +211,14 @@ def test_save_lora_gguf_loads_the_adapter_as_unsloth_does_and_writes_inside_out_
     monkeypatch.setattr(module.FastLanguageModel, "from_pretrained", from_adapter)
     lora = adapter_dir(tmp_path / "run" / "adapter")
     out = tmp_path / "exports" / "gguf"
-    save_lora(lora.parent, out, gguf="q4_k_m")
+    save_lora(lora.parent, out, gguf="q5_k_m")
     (load,) = seen["loads"]
     assert load["model_name"] == str(lora) and load["fast_inference"] is False and load["load_in_4bit"] is False
     assert set(load) <= set(parameters("unsloth.models.loader", "FastLanguageModel.from_pretrained"))
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "grpo.json", "model.Q4_K_M.gguf"]
-    assert (out / "Modelfile").read_text().startswith("FROM ./model.Q4_K_M.gguf\n")
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "grpo.json", "model.Q5_K_M.gguf"]
+    assert (out / "Modelfile").read_text().startswith("FROM ./model.Q5_K_M.gguf\n")
     assert [p.name for p in out.parent.iterdir()] == ["gguf"]  # nothing left beside OUT_DIR
-    assert json.loads((out / "grpo.json").read_text())["format"] == "gguf q4_k_m"
+    assert json.loads((out / "grpo.json").read_text())["format"] == "gguf q5_k_m"
 
 
 def test_save_lora_merged_starts_no_vllm_engine(monkeypatch, tmp_path):
