@@ -272,7 +272,7 @@ def test_save_lora_merged_and_gguf_on_cpu(run, tmp_path):
     # without the merge these would be equal: the base is saved in the merged model's dtype
     assert merged[name].shape == base[name].shape and not torch.equal(merged[name], base[name].to(merged[name].dtype))
 
-    refused = grpo("save-lora", str(run[0]), str(tmp_path / "gguf"), "--gguf", "q4_k_m", check=False)
+    refused = grpo("save-lora", str(run[0]), str(tmp_path / "gguf"), "--gguf", "q5_k_m", check=False)
     assert refused.returncode == 2 and "here, use --gguf f16, bf16, q8_0" in refused.stderr
     assert not (tmp_path / "gguf").exists()
 

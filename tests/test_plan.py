@@ -333,9 +333,9 @@ def test_gguf_export_checks_llama_cpp_where_unsloth_looks(monkeypatch, tmp_path)
     monkeypatch.setenv("UNSLOTH_LLAMA_CPP_PATH", str(tmp_path / "none"))
     with pytest.raises(GrpoError, match=r"llama.cpp at .*none lacks an executable llama-quantize and "
                                         r"convert_hf_to_gguf.py: build llama.cpp"):  # fmt: skip
-        check_gguf_export({"base_model": "qwen2.5-1.5b"}, "q4_k_m")  # a K-quant: Unsloth's route
+        check_gguf_export({"base_model": "qwen2.5-1.5b"}, "q5_k_m")  # a K-quant grpo does not write: Unsloth's route
     monkeypatch.setenv("UNSLOTH_LLAMA_CPP_PATH", str(llama_cpp(tmp_path / "llama.cpp")))
-    check_gguf_export({"base_model": "qwen2.5-1.5b"}, "q4_k_m")
+    check_gguf_export({"base_model": "qwen2.5-1.5b"}, "q5_k_m")
 
 
 # 7. Standby keeps a memory share given, and says when Unsloth sizes it
