@@ -22,6 +22,7 @@ def test_every_source_is_found_by_its_name_or_prefix_and_the_rest_are_files_or_t
         "big-arithmetic",
         "functions",
         "two-step-functions",
+        "harder-functions",
         "humaneval",
         "reasoning-gym",
     }
