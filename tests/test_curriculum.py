@@ -185,10 +185,13 @@ def _follow_in_process(rank: int, port: int, out: str) -> None:
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+    from accelerate.state import AcceleratorState
+
     from grpo_cli import callbacks, dist
     from grpo_cli.config import Settings, TrainSettings
     from grpo_cli.plan import Machine, resolve
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fork keeps the test process's one-process state
     dist.start(cpu=True)
     try:
         settings = Settings(data=HELD_OUT, train=TrainSettings(eval_steps=1))
